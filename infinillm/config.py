@@ -1,0 +1,100 @@
+"""Frozen configuration, one small dataclass per subsystem, composed into `Config`.
+
+Values are validated where they are declared; measured facts (how many blocks fit in a memory
+budget) are computed at start-up by the runtime, not stored here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION_BACKENDS = ("auto", "torch", "cpu_flash")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which model to run. `model=None` selects the embedded default (SmolLM2-135M-Instruct)."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The KV cache of one instance: rBlocks of `block_size` tokens.
+
+    The pool holds `num_blocks` blocks when given, else as many as fit in `memory_bytes`.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise ValueError(f"block_size must be an int, got {self.block_size!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"kv_blocks_per_instance must be positive, got {self.num_blocks}")
+        if self.memory_bytes < 1:
+            raise ValueError(f"kv memory budget must be positive, got {self.memory_bytes} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Batching limits of one instance's scheduler.
+
+    `max_num_batched_tokens` is the token budget of one step; prompts longer than it are
+    prefilled in chunks of at most that many tokens.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """How a worker runs: attention backend, CPU threads, device."""
+
+    attention_backend: str = "auto"
+    num_threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {_ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    num_instances: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ValueError(f"num_instances must be positive, got {self.num_instances}")

@@ -1,0 +1,121 @@
+"""Ids, sampling parameters, requests and the typed records that cross layer boundaries.
+
+Everything here is plain Python: the control plane (pools, tables, scheduler) passes these
+around; only the runtime turns them into tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NewType
+
+RequestId = NewType("RequestId", str)
+BlockId = NewType("BlockId", int)
+InstanceId = NewType("InstanceId", int)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; the names and defaults follow vLLM.
+
+    temperature 0 means greedy. top_k <= 0 disables top-k; top_p 1.0 disables top-p.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise ValueError(f"max_tokens must be an int, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an int, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One generated sequence of a request (vLLM's shape: `.text`, `.token_ids`)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What `LLM.generate` returns per prompt and what the engine streams per step."""
+
+    request_id: RequestId
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One request's share of a step on one instance.
+
+    The worker feeds `token_ids`, which sit at positions [start_pos, start_pos + len(token_ids)),
+    writes their K/V into the blocks of `block_ids` (the request's block table, in logical
+    order), attends over every position < start_pos + len(token_ids), and samples a token after
+    the last one when `sample` is set.
+    """
+
+    request_id: RequestId
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[BlockId]
+    sample: bool
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Everything one instance's worker needs for one step; produced by its scheduler."""
+
+    instance_id: InstanceId
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
