@@ -99,7 +99,8 @@ class ScheduledChunk:
     The worker feeds `token_ids`, which sit at positions [start_pos, start_pos + len(token_ids)),
     writes their K/V into the blocks of `block_ids` (the request's block table, in logical
     order), attends over every position < start_pos + len(token_ids), and samples a token after
-    the last one when `sample` is set.
+    the last one when `sample` is set, with `params`. A seeded request draws from a generator
+    seeded by (seed, num_output_tokens), so its samples do not depend on batching or preemption.
     """
 
     request_id: RequestId
@@ -107,6 +108,8 @@ class ScheduledChunk:
     start_pos: int
     block_ids: list[BlockId]
     sample: bool
+    params: SamplingParams | None = None
+    num_output_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -119,3 +122,28 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A request as the engine tracks it. `num_computed_tokens` counts positions whose K/V are
+    in the cache; preemption by recompute resets it to 0 and keeps the output so far."""
+
+    request_id: RequestId
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    instance_id: InstanceId | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids

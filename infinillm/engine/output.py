@@ -1,0 +1,62 @@
+"""Per-request output state: incremental detokenization and the stop conditions.
+
+A request finishes when it samples an EOS token (unless `ignore_eos`) or one of its
+`stop_token_ids`, when its text contains a stop string (the text is cut before it), when it has
+`max_tokens` tokens, or when it reaches the model's context length.
+"""
+
+from __future__ import annotations
+
+from infinillm.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from infinillm.types import CompletionOutput, FinishReason, Request, RequestOutput
+
+
+class OutputStream:
+    def __init__(self, request: Request, tokenizer: Tokenizer, max_model_len: int) -> None:
+        self.request = request
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        self.eos_ids = set() if request.params.ignore_eos else set(tokenizer.eos_token_ids)
+        self.stop_ids = set(request.params.stop_token_ids or ())
+        self.max_model_len = max_model_len
+        self.text = ""
+        # While running, this many trailing characters may still turn into a stop string.
+        self._hold = max((len(s) for s in request.params.stop or ()), default=1) - 1
+
+    def append(self, token_id: int) -> None:
+        """Record one sampled token and decide whether the request is done."""
+        r = self.request
+        r.output_token_ids.append(token_id)
+        if token_id in self.eos_ids or token_id in self.stop_ids:
+            r.finish_reason = FinishReason.STOP
+            self.text += self.detokenizer.flush()
+            return
+        before = len(self.text)
+        self.text += self.detokenizer.add(token_id)
+        if r.params.stop and self._cut_at_stop(before):
+            r.finish_reason = FinishReason.STOP
+        elif len(r.output_token_ids) >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
+            r.finish_reason = FinishReason.LENGTH
+            self.text += self.detokenizer.flush()
+
+    def _cut_at_stop(self, before: int) -> bool:
+        start = max(0, before - self._hold)
+        hits = [(i, s) for s in self.request.params.stop if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        keep = index + len(stop) if self.request.params.include_stop_str_in_output else index
+        self.text = self.text[:keep]
+        return True
+
+    def output(self) -> RequestOutput:
+        r = self.request
+        finished = r.finish_reason is not None
+        text = self.text if finished or not self._hold else self.text[: -self._hold]
+        reason = r.finish_reason.value if finished else None
+        return RequestOutput(
+            request_id=r.request_id,
+            prompt=r.prompt,
+            prompt_token_ids=r.prompt_token_ids,
+            outputs=[CompletionOutput(0, text, list(r.output_token_ids), reason)],
+            finished=finished,
+        )

@@ -1,0 +1,6 @@
+"""Runtime: the worker that executes one instance's step plan, and token sampling."""
+
+from infinillm.runtime.sampler import sample
+from infinillm.runtime.worker import Worker
+
+__all__ = ["Worker", "sample"]
