@@ -27,6 +27,7 @@ from infinillm.engine.scheduler import Scheduler
 from infinillm.kvcache import KVStorage, block_bytes, blocks_needed
 from infinillm.model import LlamaModel, load_arch, load_state_dict
 from infinillm.model.resolve import resolve_model_path
+from infinillm.model.arch import config_eos_token_ids
 from infinillm.model.tokenizer import Tokenizer
 from infinillm.runtime import Worker
 from infinillm.types import (
@@ -63,7 +64,12 @@ class ClusterEngine:
         set_backend(config.runtime.attention_backend)
         if config.runtime.num_threads:
             torch.set_num_threads(config.runtime.num_threads)
-        self.tokenizer = Tokenizer.from_pretrained(path)
+        # A folder without a tokenizer still serves token-id prompts (text is then empty).
+        self.tokenizer = (Tokenizer.from_pretrained(path)
+                          if (path / "tokenizer.json").is_file() else None)
+        self.eos_token_ids = config_eos_token_ids(path)
+        if self.tokenizer is not None:
+            self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
         self.max_model_len = min(arch.max_model_len, config.model.max_model_len or arch.max_model_len)
         model = LlamaModel(arch, load_state_dict(path, dtype), dtype)
         cache = config.cache
@@ -115,7 +121,8 @@ class ClusterEngine:
         if rid in self.streams:
             raise ValueError(f"request id {rid!r} is already in use")
         request = Request(rid, text, token_ids, params, arrival=len(self.streams))
-        self.streams[rid] = OutputStream(request, self.tokenizer, self.max_model_len)
+        self.streams[rid] = OutputStream(request, self.tokenizer, self.max_model_len,
+                                         self.eos_token_ids)
         self._route(request).scheduler.add(request)
         return rid
 
@@ -123,6 +130,9 @@ class ClusterEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError(f"model {str(self.model_path)!r} has no tokenizer.json; "
+                                 "pass prompts as token ids")
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError(f"prompt must be a non-empty string or token id list, got {prompt!r}")

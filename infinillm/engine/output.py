@@ -12,10 +12,12 @@ from infinillm.types import CompletionOutput, FinishReason, Request, RequestOutp
 
 
 class OutputStream:
-    def __init__(self, request: Request, tokenizer: Tokenizer, max_model_len: int) -> None:
+    def __init__(self, request: Request, tokenizer: Tokenizer | None, max_model_len: int,
+                 eos_token_ids: set[int]) -> None:
         self.request = request
-        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
-        self.eos_ids = set() if request.params.ignore_eos else set(tokenizer.eos_token_ids)
+        self.detokenizer = (IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+                            if tokenizer is not None else _NoText())
+        self.eos_ids = set() if request.params.ignore_eos else set(eos_token_ids)
         self.stop_ids = set(request.params.stop_token_ids or ())
         self.max_model_len = max_model_len
         self.text = ""
@@ -60,3 +62,13 @@ class OutputStream:
             outputs=[CompletionOutput(0, text, list(r.output_token_ids), reason)],
             finished=finished,
         )
+
+
+class _NoText:
+    """Stands in for the detokenizer of a model served without a tokenizer."""
+
+    def add(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""

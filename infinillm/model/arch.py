@@ -98,3 +98,17 @@ def arch_from_dict(cfg: dict) -> ModelArch:
         qk_norm=arch == "Qwen3ForCausalLM",
         sliding_window=window,
     )
+
+
+def config_eos_token_ids(folder: str | Path) -> set[int]:
+    """EOS ids declared in config.json and generation_config.json (int or list each)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+    return ids

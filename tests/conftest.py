@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random Llama and Qwen2 models saved as Hugging Face folders.
+
+They are built with transformers (the independent reference) and reloaded by both
+transformers and infinillm. head_dim 64 and GQA (4 query heads over 2 KV heads).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def _save_tiny(kind: str, folder) -> None:
+    import transformers
+
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2}[kind])
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**TINY, rope_theta=10000.0)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**TINY, rope_theta=1000000.0)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3Config(**TINY, rope_theta=1000000.0)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    # Random init is small; scale weights up so logits are far from uniform and greedy
+    # choices are not near-ties.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(4.0)
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+def tiny_model(request, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    _save_tiny(request.param, folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("tiny-llama-only")
+    _save_tiny("llama", folder)
+    return str(folder)
