@@ -27,6 +27,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # never imported at run time: transformers model code costs ~8 s to import
+    import torch
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger("infinillm")
 
@@ -153,7 +158,7 @@ def _convert_atomically(gguf_file: Path, out_dir: Path) -> None:
         marker = {"version": CONVERSION_VERSION, "source": str(gguf_file), "seconds": seconds}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         os.rename(tmp, out_dir)
-    except Exception:
+    except BaseException:  # Ctrl-C too; a hard kill leaves tmp for the next conversion
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("converted %s in %.1f s", gguf_file.name, seconds)
@@ -186,7 +191,7 @@ def _write_hf_folder(gguf_file: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
 
 
-def _assign_weights(model: object, tensors: dict) -> None:
+def _assign_weights(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> None:
     """Put the dequantized tensors into the meta-device model; fail loudly on any gap."""
     result = model.load_state_dict(tensors, strict=False, assign=True)
     allowed_missing = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
