@@ -14,9 +14,11 @@ Output: a table, then LAST one JSON line:
      "results": [{"batch": int, "new_tokens": int, "seconds": float, "tokens_per_s": float,
                   "ms_per_step": float, "weight_gb_per_s": float,
                   "token_ids": [[int, ...], ...]}, ...]}
+`startup_s` is `import vllm` plus building `LLM` (~27-31 s here). `machine.torch_threads` is this
+process's; the model runs in vLLM's worker process, bound to VLLM_CPU_OMP_THREADS_BIND.
 `token_ids` (one list per prompt, in prompt order) lets the caller check that two engines made the
 same greedy tokens. `weight_gb_per_s` is model bytes read per decode step over time, to hold
-against the machine's measured ~21 GB/s (bench/common.py, docs: ENVIRONMENT.md).
+against the machine's measured ~21 GB/s (/work/shared/ENVIRONMENT.md).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def main() -> None:
         )
 
     start = time.perf_counter()
-    import vllm  # ~10 s of the start-up
+    import vllm  # start-up counts the import too: it is part of what a user waits for
 
     llm = vllm.LLM(
         model=args.model,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from infinillm.model.arch import ModelArch
+from infinillm.model.linear import Linear
 
 
 class AttentionFn(Protocol):
@@ -59,7 +60,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer:
-    __slots__ = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o_proj", "post_norm",
+    __slots__ = ("input_norm", "qkv", "q_norm", "k_norm", "o_proj", "post_norm",
                  "gate_up", "down")
 
 
@@ -73,9 +74,9 @@ class LlamaModel:
         self.layers = [self._load_layer(state, i) for i in range(arch.num_layers)]
         self.norm = self._take(state, "model.norm.weight")
         if arch.tie_word_embeddings or "lm_head.weight" not in state:
-            self.lm_head = self.embed
+            self.lm_head = Linear(self.embed)
         else:
-            self.lm_head = self._take(state, "lm_head.weight")
+            self.lm_head = Linear(self._take(state, "lm_head.weight"))
         self.inv_freq = rope_inv_freq(arch)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
         self._q_size = arch.num_heads * arch.head_dim
@@ -93,19 +94,18 @@ class LlamaModel:
         layer.input_norm = self._take(state, p + "input_layernorm.weight")
         layer.post_norm = self._take(state, p + "post_attention_layernorm.weight")
         proj = [self._take(state, p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-        layer.qkv = torch.cat(proj).contiguous()
-        layer.qkv_bias = None
+        bias = None
         if self.arch.attention_bias:
-            bias = [self._take(state, p + f"self_attn.{n}_proj.bias") for n in "qkv"]
-            layer.qkv_bias = torch.cat(bias)
+            bias = torch.cat([self._take(state, p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        layer.qkv = Linear(torch.cat(proj), bias)
         layer.q_norm = layer.k_norm = None
         if self.arch.qk_norm:
             layer.q_norm = self._take(state, p + "self_attn.q_norm.weight")
             layer.k_norm = self._take(state, p + "self_attn.k_norm.weight")
-        layer.o_proj = self._take(state, p + "self_attn.o_proj.weight")
+        layer.o_proj = Linear(self._take(state, p + "self_attn.o_proj.weight"))
         gate_up = [self._take(state, p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
-        layer.gate_up = torch.cat(gate_up).contiguous()
-        layer.down = self._take(state, p + "mlp.down_proj.weight")
+        layer.gate_up = Linear(torch.cat(gate_up))
+        layer.down = Linear(self._take(state, p + "mlp.down_proj.weight"))
         return layer
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +124,7 @@ class LlamaModel:
         x = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, arch.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = q.view(t, arch.num_heads, arch.head_dim)
             k = k.view(t, arch.num_kv_heads, arch.head_dim)
@@ -135,9 +135,9 @@ class LlamaModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             out = attn(i, q, k, v)
-            x = x + F.linear(out.reshape(t, self._q_size), layer.o_proj)
+            x = x + layer.o_proj(out.reshape(t, self._q_size))
             h = _rms_norm(x, layer.post_norm, arch.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         x = _rms_norm(x.index_select(0, sample_rows), self.norm, arch.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infinillm.model.default_model import cache_dir, convert_gguf, default_model_path
+from infinillm.model.default_model import (
+    cache_dir,
+    convert_gguf,
+    default_model_path,
+    is_converted,
+)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -30,6 +35,6 @@ def resolve_model_path(model: str | Path | None) -> Path:
         raise ValueError(f"model {str(model)!r} is neither a model folder nor a .gguf file")
     stat = path.stat()
     target = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "config.json").is_file():
+    if is_converted(target):
         return target
     return convert_gguf(path, target)
