@@ -12,6 +12,7 @@ which is causal; the two partials (and the runs of the prefix) are merged exactl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,10 @@ from infinillm.attention.ops import merge, micro_attention
 # Fragmented prefixes: below this mean run length (tokens) one gather + one kernel call beats a
 # kernel call per run (a call costs ~20 us; gathering a token of K and V moves 2 * Hkv * D values).
 MIN_MEAN_RUN_TOKENS = 256
+# Long in-place runs are cut into pieces of at most this many tokens: the CPU flash kernel runs a
+# one-token query over ~1K keys faster per key than over 32K (bench/decode_attention.py),
+# and the merge of the pieces costs little.
+MAX_PIECE_TOKENS = 1024
 
 
 def slot_runs(block_ids: Sequence[int], block_size: int, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -48,12 +53,64 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(hkv, num_blocks * block_size, d)
 
 
-def _gather(cache_flat: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
-    if len(runs) == 1:
-        start, n = runs[0]
-        return cache_flat[:, start : start + n]
-    index = torch.cat([torch.arange(s, s + n) for s, n in runs])
-    return cache_flat.index_select(1, index)
+def _view(cache_flat: torch.Tensor, run: tuple[int, int]) -> torch.Tensor:
+    start, n = run
+    return cache_flat[:, start : start + n]
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: Sequence[int], lo: int, hi: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy positions [lo, hi) into one [Hkv, hi - lo, D] tensor, whole blocks at a time.
+
+    `out`, if given, is a reusable buffer of at least the blocks' size."""
+    bs = cache.shape[2]
+    first, last = lo // bs, (hi - 1) // bs
+    index = torch.tensor(block_ids[first : last + 1], dtype=torch.int64)
+    shape = (cache.shape[0], len(index), bs, cache.shape[3])
+    if out is not None:
+        out = out.view(-1)[: math.prod(shape)].view(shape)
+    blocks = torch.index_select(cache, 1, index, out=out)  # [Hkv, n, bs, D], contiguous
+    flat = blocks.view(cache.shape[0], -1, cache.shape[3])
+    return flat[:, lo - first * bs : hi - first * bs]
+
+
+def _pieces(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(s + i, min(MAX_PIECE_TOKENS, n - i)) for s, n in runs
+            for i in range(0, n, MAX_PIECE_TOKENS)]
+
+
+def _key_values(key_cache, value_cache, block_ids, lo, hi, causal):
+    """K/V of positions [lo, hi) as an iterable of ([Hkv, n, D], [Hkv, n, D]) pieces.
+
+    The causal chunk is one piece (the kernel needs it whole). A prefix stored in long runs is
+    read in place, cut into pieces of at most MAX_PIECE_TOKENS; a fragmented one is gathered
+    piece by piece, so that each piece is still in cache when the kernel reads it.
+    """
+    block_size = key_cache.shape[2]
+    runs = slot_runs(block_ids, block_size, lo, hi)
+    if len(runs) == 1 and (causal or runs[0][1] <= MAX_PIECE_TOKENS):
+        return [(_view(_flat(key_cache), runs[0]), _view(_flat(value_cache), runs[0]))]
+    if not causal and (hi - lo) / len(runs) >= MIN_MEAN_RUN_TOKENS:
+        k_flat, v_flat = _flat(key_cache), _flat(value_cache)
+        return [(_view(k_flat, r), _view(v_flat, r)) for r in _pieces(runs)]
+    if causal:
+        return [(_gather_blocks(key_cache, block_ids, lo, hi),
+                 _gather_blocks(value_cache, block_ids, lo, hi))]
+    return _gathered_pieces(key_cache, value_cache, block_ids, lo, hi)
+
+
+def _gathered_pieces(key_cache, value_cache, block_ids, lo, hi):
+    """Yield gathered pieces one at a time, reusing two buffers: each piece must be consumed
+    before the next is asked for. (Fresh large tensors per piece cost page faults.)"""
+    block_size = key_cache.shape[2]
+    step = max(block_size, MAX_PIECE_TOKENS // block_size * block_size)
+    size = key_cache.shape[0] * (step + block_size) * block_size * key_cache.shape[3]
+    k_buf = key_cache.new_empty(size)
+    v_buf = value_cache.new_empty(size)
+    for a in range(lo, hi, step):
+        b = min(a + step, hi)
+        yield (_gather_blocks(key_cache, block_ids, a, b, k_buf),
+               _gather_blocks(value_cache, block_ids, a, b, v_buf))
 
 
 def paged_attention(
@@ -74,23 +131,13 @@ def paged_attention(
     end = start_pos + query.shape[0]
     if len(block_ids) * block_size < end:
         raise ValueError(f"{len(block_ids)} blocks of {block_size} cannot hold {end} positions")
-    k_flat, v_flat = _flat(key_cache), _flat(value_cache)
-    outs, lses = [], []
-    for lo, hi, causal in ((0, start_pos, False), (start_pos, end, True)):
-        if hi <= lo:
-            continue
-        runs = slot_runs(block_ids, block_size, lo, hi)
-        if causal or len(runs) == 1 or (hi - lo) / len(runs) < MIN_MEAN_RUN_TOKENS:
-            groups = [runs]
-        else:
-            groups = [[r] for r in runs]
-        for group in groups:
-            out, lse = micro_attention(
-                query, _gather(k_flat, group), _gather(v_flat, group), scale=scale, causal=causal
-            )
-            outs.append(out)
-            lses.append(lse)
-    return merge(outs, lses)
+    parts = [
+        micro_attention(query, k, v, scale=scale, causal=causal)
+        for lo, hi, causal in ((0, start_pos, False), (start_pos, end, True))
+        if hi > lo
+        for k, v in _key_values(key_cache, value_cache, block_ids, lo, hi, causal)
+    ]
+    return merge([p[0] for p in parts], [p[1] for p in parts])
 
 
 def padded_decode_attention(

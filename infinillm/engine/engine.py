@@ -26,8 +26,8 @@ from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import Scheduler
 from infinillm.kvcache import KVStorage, block_bytes, blocks_needed
 from infinillm.model import LlamaModel, load_arch, load_state_dict
-from infinillm.model.resolve import resolve_model_path
 from infinillm.model.arch import config_eos_token_ids
+from infinillm.model.resolve import resolve_model_path
 from infinillm.model.tokenizer import Tokenizer
 from infinillm.runtime import Worker
 from infinillm.types import (
@@ -70,7 +70,8 @@ class ClusterEngine:
         self.eos_token_ids = config_eos_token_ids(path)
         if self.tokenizer is not None:
             self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
-        self.max_model_len = min(arch.max_model_len, config.model.max_model_len or arch.max_model_len)
+        user_len = config.model.max_model_len or arch.max_model_len
+        self.max_model_len = min(arch.max_model_len, user_len)
         model = LlamaModel(arch, load_state_dict(path, dtype), dtype)
         cache = config.cache
         per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim,
@@ -104,8 +105,9 @@ class ClusterEngine:
         """Queue a request; ValueError (and nothing queued) for a prompt that cannot be served."""
         return self.add_prepared(self.prepare(prompt, params), request_id)
 
-    def prepare(self, prompt: str | list[int],
-                params: SamplingParams | None = None) -> tuple[str | None, list[int], SamplingParams]:
+    def prepare(
+        self, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> tuple[str | None, list[int], SamplingParams]:
         """Tokenize and check a prompt without queueing it: (text, token ids, params)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):

@@ -115,7 +115,9 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     ):
         return [list(prompts)]
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompts must be a string, token ids, or a non-empty list, got {prompts!r}")
+        raise ValueError(
+            f"prompts must be a string, token ids, or a non-empty list, got {prompts!r}"
+        )
     return list(prompts)
 
 

@@ -110,10 +110,15 @@ def test_slot_runs_exact():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [1, 7, 16])
 @pytest.mark.parametrize("fragmented", [False, True])
-def test_paged_attention_matches_float64(backend, block_size, fragmented, monkeypatch):
-    from infinillm.attention import ops
+@pytest.mark.parametrize("piece_tokens", [1024, 20])
+def test_paged_attention_matches_float64(backend, block_size, fragmented, piece_tokens,
+                                         monkeypatch):
+    """Adjacent and shuffled block tables; small pieces exercise the split and gather paths."""
+    from infinillm.attention import ops, paged
 
     monkeypatch.setattr(ops, "_backend", backend)
+    monkeypatch.setattr(paged, "MAX_PIECE_TOKENS", piece_tokens)
+    monkeypatch.setattr(paged, "MIN_MEAN_RUN_TOKENS", 256 if piece_tokens > 100 else 5)
     gen = torch.Generator().manual_seed(block_size)
     hkv, hq, d, num_blocks = 2, 6, 64, 1000
     kc = torch.randn(hkv, num_blocks, block_size, d, generator=gen)

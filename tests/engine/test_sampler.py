@@ -19,7 +19,8 @@ def draw(params: SamplingParams, n: int) -> torch.Tensor:
 
 def test_greedy_is_argmax_for_a_batch():
     logits = torch.randn(5, 100)
-    assert sample(logits, [SamplingParams(temperature=0)] * 5, [0] * 5) == logits.argmax(-1).tolist()
+    greedy = [SamplingParams(temperature=0)] * 5
+    assert sample(logits, greedy, [0] * 5) == logits.argmax(-1).tolist()
 
 
 def test_temperature_follows_softmax():
