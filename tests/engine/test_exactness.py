@@ -120,3 +120,23 @@ def test_requests_arriving_mid_flight(tiny_model, hf_model):
     for rid, prompt in zip(ids, batch):
         assert done[rid].outputs[0].token_ids == hf_greedy(hf_model, prompt, NEW_TOKENS)[0]
     assert engine.num_free_blocks() == [engine.num_blocks_per_instance]
+
+
+def test_bfloat16_logits_close_to_float32_reference(tiny_llama):
+    """bfloat16 weights and KV: logits within bf16 rounding of transformers' fp32 forward."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    llm = LLM(tiny_llama, dtype="bfloat16", block_size=7)
+    seen = record_logits(llm)
+    batch = prompts(3, seed=5)
+    outs = llm.generate(batch, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        ids = prompt + out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+        ours = torch.stack(seen[out.request_id])
+        rel = (ours - ref).abs().max() / ref.abs().max()
+        assert rel < 5e-2, f"relative logits error {rel:.2e}"
+    llm.engine.check_integrity()
