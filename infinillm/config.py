@@ -88,13 +88,40 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The instances and how they share KV memory.
+
+    With `lending`, an instance that runs out of blocks borrows from others; each instance
+    lends at most `max_lent_fraction` of its pool. Between steps, recall moves at most
+    `recall_blocks_per_step` blocks home, and an owner brings blocks home only while it keeps
+    `recall_headroom_fraction` of its pool free for its own requests.
+    """
+
+    num_instances: int = 1
+    lending: bool = True
+    max_lent_fraction: float = 0.9
+    recall_blocks_per_step: int = 16
+    recall_headroom_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_instances, bool) or not isinstance(self.num_instances, int) \
+                or self.num_instances < 1:
+            raise ValueError(f"num_instances must be a positive int, got {self.num_instances!r}")
+        if not 0.0 <= self.max_lent_fraction <= 1.0:
+            raise ValueError(f"max_lent_fraction must be in [0, 1], got {self.max_lent_fraction}")
+        if self.recall_blocks_per_step < 0:
+            raise ValueError(
+                f"recall_blocks_per_step must be >= 0, got {self.recall_blocks_per_step}"
+            )
+        if not 0.0 <= self.recall_headroom_fraction <= 1.0:
+            raise ValueError(f"recall_headroom_fraction must be in [0, 1], "
+                             f"got {self.recall_headroom_fraction}")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    num_instances: int = 1
-
-    def __post_init__(self) -> None:
-        if self.num_instances < 1:
-            raise ValueError(f"num_instances must be positive, got {self.num_instances}")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -99,8 +99,9 @@ class ScheduledChunk:
     """One request's share of a step on one instance.
 
     The worker feeds `token_ids`, which sit at positions [start_pos, start_pos + len(token_ids)),
-    writes their K/V into the blocks of `block_ids` (the request's block table, in logical
-    order), attends over every position < start_pos + len(token_ids), and samples a token after
+    writes their K/V into the blocks of `blocks` (the request's block table in logical order:
+    (holder instance, block) pairs, local or borrowed), attends over every position
+    < start_pos + len(token_ids), wherever it lives, and samples a token after
     the last one when `sample` is set, with `params`. A seeded request draws from a generator
     seeded by (seed, num_output_tokens), so its samples do not depend on batching or preemption.
     """
@@ -108,7 +109,7 @@ class ScheduledChunk:
     request_id: RequestId
     token_ids: list[int]
     start_pos: int
-    block_ids: list[BlockId]
+    blocks: list[tuple[InstanceId, BlockId]]
     sample: bool
     params: SamplingParams | None = None
     num_output_tokens: int = 0

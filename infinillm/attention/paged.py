@@ -113,6 +113,32 @@ def _gathered_pieces(key_cache, value_cache, block_ids, lo, hi):
                _gather_blocks(value_cache, block_ids, a, b, v_buf))
 
 
+def blocks_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_ids: Sequence[int],
+    num_tokens: int,
+    *,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `query` over the first `num_tokens` slots of `block_ids`, all visible.
+
+    This is a holder's micro-attention: the keys are a request's earlier positions that this
+    holder stores (their order does not matter, RoPE is already in the cached keys).
+    query [Lq, Hq, D]; caches [Hkv, num_blocks, block_size, D]; returns (out [Lq, Hq, D],
+    lse [Hq, Lq] float32), lse -inf for num_tokens == 0.
+    """
+    if len(block_ids) * key_cache.shape[2] < num_tokens:
+        raise ValueError(f"{len(block_ids)} blocks of {key_cache.shape[2]} cannot hold "
+                         f"{num_tokens} tokens")
+    if num_tokens == 0:
+        return micro_attention(query, key_cache[:, :0, 0], value_cache[:, :0, 0], scale=scale)
+    parts = [micro_attention(query, k, v, scale=scale)
+             for k, v in _key_values(key_cache, value_cache, block_ids, 0, num_tokens, False)]
+    return merge([p[0] for p in parts], [p[1] for p in parts])
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -122,22 +148,21 @@ def paged_attention(
     start_pos: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of one sequence's chunk over its blocks.
+    """Causal attention of one sequence's chunk over its blocks, all on this holder.
 
-    query [Lq, Hq, D]; caches [Hkv, num_blocks, block_size, D]; returns (out [Lq, Hq, D],
-    lse [Hq, Lq] float32). The chunk's own K/V must already be written to the cache.
+    query [Lq, Hq, D] at positions [start_pos, start_pos + Lq); caches [Hkv, num_blocks,
+    block_size, D]; returns (out [Lq, Hq, D], lse [Hq, Lq] float32). The chunk's own K/V must
+    already be written to the cache.
     """
     block_size = key_cache.shape[2]
     end = start_pos + query.shape[0]
     if len(block_ids) * block_size < end:
         raise ValueError(f"{len(block_ids)} blocks of {block_size} cannot hold {end} positions")
-    parts = [
-        micro_attention(query, k, v, scale=scale, causal=causal)
-        for lo, hi, causal in ((0, start_pos, False), (start_pos, end, True))
-        if hi > lo
-        for k, v in _key_values(key_cache, value_cache, block_ids, lo, hi, causal)
-    ]
-    return merge([p[0] for p in parts], [p[1] for p in parts])
+    prefix = blocks_attention(query, key_cache, value_cache,
+                              block_ids[: -(-start_pos // block_size)], start_pos, scale=scale)
+    ((k, v),) = _key_values(key_cache, value_cache, block_ids, start_pos, end, True)
+    chunk = micro_attention(query, k, v, scale=scale, causal=True)
+    return merge([prefix[0], chunk[0]], [prefix[1], chunk[1]])
 
 
 def padded_decode_attention(

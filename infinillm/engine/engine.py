@@ -5,9 +5,14 @@
       run:      each instance's Worker executes its plan and samples
       update:   sampled tokens go to their requests; finished requests free their blocks
 
-New requests go to the instance with the most free blocks (ties: fewest unfinished requests),
-which spreads both memory and batch work. All instances of this process share one read-only
-copy of the weights.
+With lending on (and more than one instance), an instance short of blocks borrows them through
+the GManager, attention over borrowed blocks runs on their holders (DistAttention over the
+fabric), and before each step the GManager's recall brings blocks home. Preemption by recompute
+happens only when a request cannot get blocks anywhere.
+
+New requests go to the instance with the most free blocks in the ledger (ties: fewest unfinished
+requests): free blocks are what limits a long request, and a lightly loaded instance also runs
+a smaller batch. All instances of this process share one read-only copy of the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from infinillm.attention import set_backend
-from infinillm.cluster import RManager
+from infinillm.cluster import GManager, RManager
 from infinillm.config import Config
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import Scheduler
@@ -29,7 +34,7 @@ from infinillm.model import LlamaModel, load_arch, load_state_dict
 from infinillm.model.arch import config_eos_token_ids
 from infinillm.model.resolve import resolve_model_path
 from infinillm.model.tokenizer import Tokenizer
-from infinillm.runtime import Worker
+from infinillm.runtime import InProcFabric, Worker
 from infinillm.types import (
     FinishReason,
     InstanceId,
@@ -81,22 +86,32 @@ class ClusterEngine:
             raise ValueError(f"kv memory budget {cache.memory_bytes} bytes holds no block of "
                              f"{per_block} bytes")
         self.num_blocks_per_instance = num_blocks
+        cluster = config.cluster
+        self.lending = cluster.lending and cluster.num_instances > 1
+        self.max_lent_blocks = int(num_blocks * cluster.max_lent_fraction) if self.lending else 0
+        self.fabric = InProcFabric()
+        self.gmanager = GManager(int(num_blocks * cluster.recall_headroom_fraction))
         self.instances = [self._make_instance(InstanceId(i), model, num_blocks)
-                          for i in range(config.num_instances)]
+                          for i in range(cluster.num_instances)]
+        self.num_migrations = 0
+        self.num_standstills = 0
         self.streams: dict[RequestId, OutputStream] = {}
         self._ids = itertools.count()
         self.load_seconds = time.perf_counter() - started
         logger.info("loaded %s (%s, %d layers) in %.1f s; %d instance(s) x %d blocks of %d tokens",
                     path, arch.architecture, arch.num_layers, self.load_seconds,
-                    config.num_instances, num_blocks, cache.block_size)
+                    cluster.num_instances, num_blocks, cache.block_size)
 
     def _make_instance(self, iid: InstanceId, model: LlamaModel, num_blocks: int) -> Instance:
         arch, cache = self.arch, self.config.cache
         storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, num_blocks,
                             cache.block_size, model.dtype, self.config.runtime.device)
-        rmanager = RManager(iid, num_blocks, cache.block_size)
-        scheduler = Scheduler(iid, self.config.scheduler, rmanager)
-        return Instance(iid, rmanager, scheduler, Worker(iid, model, storage))
+        rmanager = RManager(iid, num_blocks, cache.block_size, self.max_lent_blocks)
+        if self.lending:
+            self.gmanager.register(rmanager)
+        self.fabric.register(iid, storage)
+        scheduler = Scheduler(iid, self.config.scheduler, rmanager, can_wait=self.lending)
+        return Instance(iid, rmanager, scheduler, Worker(iid, model, storage, self.fabric))
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -151,13 +166,23 @@ class ClusterEngine:
             raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
                              "tokens, including at least one generated token")
         need = blocks_needed(n + 1, self.config.cache.block_size)
-        if need > self.num_blocks_per_instance:
-            raise ValueError(f"prompt has {n} tokens and needs {need} KV blocks; an instance "
-                             f"holds {self.num_blocks_per_instance}")
+        if need > self.max_blocks_per_request:
+            where = "the cluster can give one request" if self.lending else "an instance holds"
+            raise ValueError(f"prompt has {n} tokens and needs {need} KV blocks; {where} "
+                             f"{self.max_blocks_per_request}")
+
+    @property
+    def max_blocks_per_request(self) -> int:
+        """Its owner's pool, plus what every other instance may lend."""
+        return self.num_blocks_per_instance + (len(self.instances) - 1) * self.max_lent_blocks
 
     def _route(self, request: Request) -> Instance:
+        load = {i.instance_id: i.scheduler.num_unfinished for i in self.instances}
+        if self.lending:
+            best = self.gmanager.least_loaded(list(load), load)
+            return self.instances[best]
         return max(self.instances, key=lambda i: (i.rmanager.num_free_blocks,
-                                                  -i.scheduler.num_unfinished, -i.instance_id))
+                                                  -load[i.instance_id], -i.instance_id))
 
     def abort_request(self, request_id: RequestId) -> None:
         stream = self.streams.pop(request_id, None)
@@ -173,7 +198,12 @@ class ClusterEngine:
 
     def step(self) -> list[RequestOutput]:
         """One schedule -> run -> update round; returns the requests that made progress."""
+        if self.lending:
+            self.gmanager.heartbeat_all()
+            self._recall()
         plans = [inst.scheduler.schedule() for inst in self.instances]
+        if self.lending and not any(p.chunks for p in plans):
+            self._break_standstill()
         sampled: dict[RequestId, int] = {}
         for inst, plan in zip(self.instances, plans):
             sampled.update(inst.worker.execute(plan))
@@ -193,6 +223,31 @@ class ClusterEngine:
             inst.scheduler.out_of_blocks.clear()
         return outputs
 
+    def _recall(self) -> None:
+        """Bring lent blocks home between steps (GManager.plan_recall), data first."""
+        moves = self.gmanager.plan_recall(self.config.cluster.recall_blocks_per_step)
+        if not moves:
+            return
+        self.fabric.move_blocks([(m.src[0], m.src[1], m.dst[0], m.dst[1]) for m in moves])
+        self.gmanager.apply_moves(moves)
+        self.num_migrations += len(moves)
+
+    def _break_standstill(self) -> None:
+        """Every running request waits for blocks that only another running request can free:
+        preempt the newest running request of the cluster (recompute later), or end it if it
+        is the only one and still does not fit."""
+        running = [(r, inst) for inst in self.instances for r in inst.scheduler.running]
+        if not running:
+            return
+        self.num_standstills += 1
+        request, inst = max(running, key=lambda ri: ri[0].arrival)
+        if len(running) == 1:
+            inst.scheduler.remove(request)
+            request.finish_reason = FinishReason.LENGTH
+            inst.scheduler.out_of_blocks.append(request)
+        else:
+            inst.scheduler.preempt(request)
+
     def _emit(self, inst: Instance, stream: OutputStream) -> RequestOutput:
         out = stream.output()
         if out.finished:
@@ -203,6 +258,8 @@ class ClusterEngine:
     # ---- inspection -----------------------------------------------------------------------
 
     def check_integrity(self) -> None:
+        if self.lending:
+            self.gmanager.check_integrity()
         for inst in self.instances:
             inst.rmanager.check_integrity()
             live = {r.request_id for r in inst.scheduler.running}
@@ -212,3 +269,38 @@ class ClusterEngine:
 
     def num_free_blocks(self) -> list[int]:
         return [inst.rmanager.num_free_blocks for inst in self.instances]
+
+    def cluster_stats(self) -> dict:
+        """Per instance block counts, the debts, remote attention traffic, migrations and
+        preemptions: a JSON-ready snapshot of the ledger."""
+        instances = []
+        for inst in self.instances:
+            rm = inst.rmanager
+            own = rm.num_blocks - rm.num_free_blocks - rm.num_lent_blocks
+            instances.append({
+                "instance": inst.instance_id,
+                "total_blocks": rm.num_blocks,
+                "free_blocks": rm.num_free_blocks,
+                "used_blocks": own,
+                "lent_blocks": rm.num_lent_blocks,
+                "borrowed_blocks": rm.num_borrowed_blocks(),
+                "running": len(inst.scheduler.running),
+                "waiting": len(inst.scheduler.waiting),
+                "preemptions": inst.scheduler.num_preemptions,
+            })
+        fabric = self.fabric.stats
+        return {
+            "lending": self.lending,
+            "block_size": self.config.cache.block_size,
+            "instances": instances,
+            "debts": [{"debtor": d, "creditor": c, "blocks": n}
+                      for (d, c), n in sorted(self.gmanager.debt_matrix().items())],
+            "remote_attention_calls": fabric.remote_attention_calls,
+            "remote_attention_items": fabric.remote_attention_items,
+            "remote_kv_writes": fabric.remote_kv_writes,
+            "remote_bytes": fabric.bytes_sent,
+            "migrations": self.num_migrations,
+            "refused_loans": self.gmanager.num_refused_loans,
+            "standstills": self.num_standstills,
+            "preemptions": sum(i["preemptions"] for i in instances),
+        }

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from infinillm.config import CacheConfig, Config, ModelConfig, RuntimeConfig, SchedulerConfig
+from infinillm.config import (
+    CacheConfig,
+    ClusterConfig,
+    Config,
+    ModelConfig,
+    RuntimeConfig,
+    SchedulerConfig,
+)
 from infinillm.engine.engine import ClusterEngine
 from infinillm.types import RequestOutput, SamplingParams
 
@@ -31,6 +38,8 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         num_instances: int = 1,
+        lending: bool = True,
+        max_lent_fraction: float = 0.9,
         attention_backend: str = "auto",
         num_threads: int | None = None,
     ) -> None:
@@ -41,12 +50,18 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens),
             runtime=RuntimeConfig(attention_backend=attention_backend, num_threads=num_threads),
-            num_instances=num_instances,
+            cluster=ClusterConfig(num_instances=num_instances, lending=lending,
+                                  max_lent_fraction=max_lent_fraction),
         )
         self.engine = ClusterEngine(config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def cluster_stats(self) -> dict:
+        """Per instance total / free / used / lent / borrowed blocks, the debts between
+        instances, remote micro-attention calls and bytes, migrations and preemptions."""
+        return self.engine.cluster_stats()
 
     def generate(
         self,

@@ -10,6 +10,7 @@ it already produced.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 
 from infinillm.cluster import RManager
@@ -25,9 +26,20 @@ from infinillm.types import (
 )
 
 
+class _Room(enum.Enum):
+    READY = "ready"  # blocks allocated
+    GONE = "gone"  # the request left `running` (preempted, or finished out of blocks)
+    STALLED = "stalled"  # no blocks this step; it stays running and waits
+
+
 class Scheduler:
-    def __init__(self, instance_id: InstanceId, config: SchedulerConfig, rmanager: RManager):
+    def __init__(self, instance_id: InstanceId, config: SchedulerConfig, rmanager: RManager,
+                 can_wait: bool = False):
         self.instance_id = instance_id
+        # When blocks can come from other instances, a request that finds none waits rather
+        # than ending: see ClusterEngine's standstill rule.
+        self.can_wait = can_wait
+        self.stalled: list[Request] = []
         self.config = config
         self.rmanager = rmanager
         self.waiting: deque[Request] = deque()
@@ -56,17 +68,22 @@ class Scheduler:
         plan = StepPlan(self.instance_id)
         budget = self.config.max_num_batched_tokens
         preempted = False
-        scheduled: list[Request] = []
-        while len(scheduled) < len(self.running) and budget > 0:
-            request = self.running[len(scheduled)]
+        self.stalled = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._make_room(request, num_new):
+            room = self._make_room(request, num_new)
+            if room is _Room.READY:
+                plan.chunks.append(self._chunk(request, num_new))
+                budget -= num_new
+                i += 1
+            elif room is _Room.STALLED:
+                self.stalled.append(request)
+                i += 1
+            else:  # `request` or newer ones left `running`: index i holds the next one
                 preempted = True
-                continue  # `request` or a newer one left `running`; look again
-            plan.chunks.append(self._chunk(request, num_new))
-            scheduled.append(request)
-            budget -= num_new
-        while self.waiting and budget > 0 and not preempted:
+        while self.waiting and budget > 0 and not preempted and not self.stalled:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
@@ -80,25 +97,29 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def _make_room(self, request: Request, num_new: int) -> bool:
-        """Allocate blocks for `request`'s next chunk, preempting newer requests if needed.
-        False when `request` itself had to give way (it is then waiting again)."""
+    def _make_room(self, request: Request, num_new: int) -> _Room:
+        """Allocate blocks for `request`'s next chunk, preempting newer requests if needed."""
         target = request.num_computed_tokens + num_new
         while not self.rmanager.allocate_slots(request.request_id, target):
             victim = self.running[-1]
             if victim is request and len(self.running) == 1:
-                # Alone and still out of blocks: the pool cannot hold this request any longer.
+                # Alone here, nothing to preempt. With lending, blocks freed elsewhere may come:
+                # wait (the engine breaks a cluster-wide standstill). Without, the pool can
+                # never hold this request: it ends.
+                if self.can_wait:
+                    return _Room.STALLED
                 self.running.remove(request)
                 self.rmanager.free(request.request_id)
                 request.finish_reason = FinishReason.LENGTH
                 self.out_of_blocks.append(request)
-                return False
-            self._preempt(victim)
+                return _Room.GONE
+            self.preempt(victim)
             if victim is request:
-                return False
-        return True
+                return _Room.GONE
+        return _Room.READY
 
-    def _preempt(self, request: Request) -> None:
+    def preempt(self, request: Request) -> None:
+        """Free a running request's blocks and queue it first, to be recomputed."""
         self.running.remove(request)
         self.rmanager.free(request.request_id)
         request.status = RequestStatus.WAITING
@@ -119,7 +140,7 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=tokens,
             start_pos=start,
-            block_ids=self.rmanager.block_ids(request.request_id),
+            blocks=list(self.rmanager.table(request.request_id).entries),
             sample=end == request.num_tokens,
             params=request.params,
             num_output_tokens=len(request.output_token_ids),

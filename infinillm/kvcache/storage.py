@@ -36,3 +36,11 @@ class KVStorage:
         v_flat = self.values[layer].view(self.values.shape[1], -1, self.values.shape[-1])
         k_flat[:, slots] = key.transpose(0, 1)
         v_flat[:, slots] = value.transpose(0, 1)
+
+    def read_block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one block's K and V, every layer: two [L, Hkv, block_size, D] tensors."""
+        return self.keys[:, :, block].clone(), self.values[:, :, block].clone()
+
+    def write_block(self, block: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.keys[:, :, block] = key
+        self.values[:, :, block] = value

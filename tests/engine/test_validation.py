@@ -58,7 +58,8 @@ def test_prompts_rejected_before_anything_runs(llm):
         ({"dtype": "float8"}, "dtype must be one of"),
         ({"block_size": 0}, "block_size must be positive, got 0"),
         ({"kv_blocks_per_instance": 0}, "kv_blocks_per_instance must be positive, got 0"),
-        ({"num_instances": 0}, "num_instances must be positive, got 0"),
+        ({"num_instances": 0}, "num_instances must be a positive int, got 0"),
+        ({"max_lent_fraction": 1.5}, "max_lent_fraction must be in \\[0, 1\\], got 1.5"),
         ({"attention_backend": "magic"}, "attention_backend must be one of"),
     ],
 )
