@@ -23,6 +23,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache memory per instance in GiB")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--instances", type=int, default=1, help="serving instances")
+    g.add_argument("--no-lending", dest="lending", action="store_false",
+                   help="keep every request's KV on its own instance (the baseline)")
+    g.add_argument("--max-lent-fraction", type=float, default=0.9,
+                   help="at most this share of an instance's pool is lent to others")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_flash"])
     g.add_argument("--threads", type=int, default=None, help="CPU threads for compute")
 
@@ -62,6 +66,8 @@ def _make_llm(args: argparse.Namespace):
         kv_cache_memory_bytes=int(args.kv_memory_gb * (1 << 30)),
         max_model_len=args.max_model_len,
         num_instances=args.instances,
+        lending=args.lending,
+        max_lent_fraction=args.max_lent_fraction,
         attention_backend=args.attention_backend,
         num_threads=args.threads,
     )

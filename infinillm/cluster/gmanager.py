@@ -135,16 +135,35 @@ class GManager:
         swapped = {(m.request_id, m.index) for m in moves}
         for owner, rm in self.rmanagers.items():
             room = rm.num_free_blocks - self.recall_headroom
-            for rid, index, src in self._remote_entries(owner):
+            for rid, index, _ in self._remote_entries(owner):
                 if budget <= 0 or room <= 0:
                     break
                 if (rid, index) in swapped:
                     continue
-                (dst,) = rm.pool.allocate(1, rid)
-                moves.append(BlockMove(rid, owner, index, src, (owner, dst)))
+                move = self.plan_move(owner, rid, index, owner)
+                if move is None:
+                    break
+                moves.append(move)
                 budget -= 1
                 room -= 1
         return moves
+
+    def plan_move(self, owner: InstanceId, request_id: RequestId, index: int,
+                  dst: InstanceId) -> BlockMove | None:
+        """The migration primitive: reserve a block on `dst` for logical block `index` of a
+        request, as a move to execute (fabric copy, then `apply_moves`). None when `dst`
+        already holds it, or cannot take it (full, or its lending cap)."""
+        src = self.rmanagers[owner].tables[request_id].entries[index]
+        if src[0] == dst:
+            return None
+        rm = self.rmanagers[dst]
+        if dst == owner:
+            blocks = rm.pool.allocate(1, request_id)
+        else:
+            blocks = rm.lend(request_id, 1, owner)
+        if blocks is None:
+            return None
+        return BlockMove(request_id, owner, index, src, (dst, blocks[0]))
 
     def _remote_entries(self, owner: InstanceId, creditor: InstanceId | None = None):
         """(request, logical index, (holder, block)) of an owner's blocks held elsewhere."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from infinillm.attention import set_backend
-from infinillm.cluster import GManager, RManager
+from infinillm.cluster import BlockMove, GManager, RManager
 from infinillm.config import Config
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import Scheduler
@@ -224,13 +224,31 @@ class ClusterEngine:
         return outputs
 
     def _recall(self) -> None:
-        """Bring lent blocks home between steps (GManager.plan_recall), data first."""
-        moves = self.gmanager.plan_recall(self.config.cluster.recall_blocks_per_step)
+        """Bring lent blocks home between steps (GManager.plan_recall)."""
+        self._execute_moves(self.gmanager.plan_recall(self.config.cluster.recall_blocks_per_step))
+
+    def _execute_moves(self, moves: list[BlockMove]) -> None:
+        """Copy the data of every move, then switch tables: no step runs in between."""
         if not moves:
             return
         self.fabric.move_blocks([(m.src[0], m.src[1], m.dst[0], m.dst[1]) for m in moves])
         self.gmanager.apply_moves(moves)
         self.num_migrations += len(moves)
+
+    def migrate_block(self, request_id: RequestId, index: int, dst: InstanceId) -> bool:
+        """Move logical block `index` of a running request to instance `dst` (between steps).
+        False when `dst` cannot take it or already holds it."""
+        if not self.lending:
+            raise ValueError("migrating blocks needs lending (num_instances > 1, lending=True)")
+        stream = self.streams.get(request_id)
+        owner = stream.request.instance_id if stream else None
+        if owner is None or request_id not in self.instances[owner].rmanager.tables:
+            raise ValueError(f"request {request_id!r} holds no blocks")
+        move = self.gmanager.plan_move(owner, request_id, index, dst)
+        if move is None:
+            return False
+        self._execute_moves([move])
+        return True
 
     def _break_standstill(self) -> None:
         """Every running request waits for blocks that only another running request can free:

@@ -1,0 +1,170 @@
+"""The control plane alone: GManager + RManagers, exact block ids, refusals, conservation."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infinillm.cluster import GManager, RManager
+from infinillm.kvcache import blocks_needed
+from infinillm.types import InstanceId, RequestId
+
+A, B, C = InstanceId(0), InstanceId(1), InstanceId(2)
+
+
+def cluster(num_instances: int, num_blocks: int, block_size: int = 4, cap: int | None = None,
+            headroom: int = 0) -> tuple[GManager, list[RManager]]:
+    gm = GManager(recall_headroom=headroom)
+    rms = [RManager(InstanceId(i), num_blocks, block_size,
+                    num_blocks if cap is None else cap) for i in range(num_instances)]
+    for rm in rms:
+        gm.register(rm)
+    return gm, rms
+
+
+def test_borrow_from_the_most_free_creditor_with_exact_ids():
+    gm, (a, b, c) = cluster(3, 4)
+    assert c.allocate_slots(RequestId("c1"), 4)  # c: 3 free, b: 4 free
+    gm.heartbeat_all()
+    assert a.allocate_slots(RequestId("r"), 24)  # 6 blocks: 4 local + 2 from b
+    assert a.table(RequestId("r")).entries == [(A, 0), (A, 1), (A, 2), (A, 3), (B, 0), (B, 1)]
+    assert gm.debts == {(A, B): {RequestId("r"): 2}}
+    assert b.num_lent_blocks == 2 and a.num_borrowed_blocks() == 2
+    # growing again prefers the creditor that already holds this request's blocks
+    gm.heartbeat_all()
+    assert a.allocate_slots(RequestId("r"), 28)
+    assert a.table(RequestId("r")).entries[-1] == (B, 2)
+    gm.check_integrity()
+    a.free(RequestId("r"))
+    c.free(RequestId("c1"))
+    assert gm.debts == {} and [rm.num_free_blocks for rm in (a, b, c)] == [4, 4, 4]
+    gm.check_integrity()
+
+
+def test_creditor_refuses_what_it_cannot_serve_and_nothing_is_taken():
+    gm, (a, b) = cluster(2, 4)
+    assert b.lend(RequestId("x"), 5, A) is None  # more than the pool
+    assert b.allocate_slots(RequestId("b1"), 12)  # b uses 3 blocks; the view still says 4 free
+    assert a.allocate_slots(RequestId("r"), 16)  # a's own 4 blocks
+    assert not a.allocate_slots(RequestId("r"), 28)  # reserve 3 on b by the stale view; b refuses
+    assert gm.num_refused_loans == 1
+    assert a.table(RequestId("r")).entries == [(A, i) for i in range(4)]
+    assert b.num_free_blocks == 1 and gm.debts == {}
+    gm.check_integrity()
+    # after the refusal the view is fresh: one block can be borrowed, two cannot
+    assert not a.allocate_slots(RequestId("r"), 24)
+    assert a.allocate_slots(RequestId("r"), 20)
+    gm.check_integrity()
+
+
+def test_lending_cap_holds():
+    gm, (a, b) = cluster(2, 8, cap=3)
+    assert a.allocate_slots(RequestId("r"), 32)  # a's whole pool
+    assert not a.allocate_slots(RequestId("r"), 48)  # 4 more: over b's cap of 3
+    assert a.allocate_slots(RequestId("r"), 44)  # 3 more: at the cap
+    assert b.num_lent_blocks == 3 and b.num_lendable_blocks == 0
+    assert b.lend(RequestId("y"), 1, A) is None
+    assert b.allocate_slots(RequestId("b1"), 20)  # b's own requests still use its free blocks
+    gm.check_integrity()
+
+
+def test_no_chained_borrowing():
+    """A creditor lends from its own pool only: with all free blocks on a debtor's creditor
+    used up, the debtor gets nothing even if a third instance could have served the creditor."""
+    gm, (a, b) = cluster(2, 2)
+    assert a.allocate_slots(RequestId("r"), 16)  # 2 local + 2 borrowed from b
+    gm.heartbeat_all()
+    assert not b.allocate_slots(RequestId("s"), 4)  # b is empty and a has nothing to lend
+    gm.check_integrity()
+
+
+def apply(gm: GManager, moves) -> None:
+    """Control-plane half of a move (the data plane is not part of these tests)."""
+    gm.apply_moves(moves)
+    gm.check_integrity()
+
+
+def test_recall_swaps_a_cycle():
+    gm, (a, b) = cluster(2, 4)
+    big, tmp, other = RequestId("big"), RequestId("tmp"), RequestId("other")
+    assert a.allocate_slots(big, 8) and a.allocate_slots(tmp, 8)  # a: big 0,1; tmp 2,3
+    gm.heartbeat_all()
+    assert a.allocate_slots(big, 12)  # a is full: big borrows b's block 0
+    a.free(tmp)
+    assert b.allocate_slots(other, 12)  # b: blocks 1, 2, 3
+    gm.heartbeat_all()
+    assert b.allocate_slots(other, 20)  # b is full: other borrows a's blocks 2, 3
+    assert gm.debt_matrix() == {(A, B): 1, (B, A): 2}
+    moves = gm.plan_recall(16)
+    # one swap: big's block on b <-> other's first block on a; nobody has room for more
+    assert [(m.request_id, m.index, m.src, m.dst) for m in moves] == [
+        (big, 2, (B, 0), (A, 2)),
+        (other, 3, (A, 2), (B, 0)),
+    ]
+    apply(gm, moves)
+    assert a.table(big).entries == [(A, 0), (A, 1), (A, 2)]
+    assert b.table(other).entries == [(B, 1), (B, 2), (B, 3), (B, 0), (A, 3)]
+    assert gm.debts == {(B, A): {other: 1}}
+
+
+def test_recall_brings_blocks_home_within_budget_and_headroom():
+    gm, (a, b) = cluster(2, 4, headroom=1)
+    r, tmp = RequestId("r"), RequestId("tmp")
+    assert a.allocate_slots(tmp, 8) and a.allocate_slots(r, 8)  # tmp 0,1; r 2,3
+    gm.heartbeat_all()
+    assert a.allocate_slots(r, 20)  # r borrows b's 0, 1, 2
+    a.free(tmp)  # a has 2 free; with a headroom of 1, one block may come home
+    assert gm.plan_recall(0) == []
+    moves = gm.plan_recall(16)
+    assert [(m.index, m.src, m.dst) for m in moves] == [(2, (B, 0), (A, 0))]
+    apply(gm, moves)
+    assert a.table(r).entries == [(A, 2), (A, 3), (A, 0), (B, 1), (B, 2)]
+    assert b.num_free_blocks == 2 and gm.debts == {(A, B): {r: 2}}
+    # the migration primitive moves a block anywhere it fits, here from b to a's last free one
+    move = gm.plan_move(A, r, 4, A)
+    apply(gm, [move])
+    assert a.table(r).entries[4] == (A, 1)
+    assert gm.plan_move(A, r, 4, A) is None  # already there
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["grow", "grow", "finish", "recall", "migrate"]),
+                          st.integers(0, 2), st.integers(0, 5), st.integers(1, 20)),
+                max_size=50),
+       st.integers(0, 6))
+def test_conservation_under_random_operations(ops, cap):
+    gm, rms = cluster(3, 6, block_size=4, cap=cap, headroom=1)
+    lengths: dict[RequestId, int] = {}
+    owner_of: dict[RequestId, RManager] = {}
+    for op, inst, who, n in ops:
+        rid = RequestId(f"r{who}")
+        rm = owner_of.get(rid, rms[inst])
+        if op == "grow":
+            before = [x.num_free_blocks for x in rms]
+            if rm.allocate_slots(rid, lengths.get(rid, 0) + n):
+                lengths[rid] = lengths.get(rid, 0) + n
+                owner_of[rid] = rm
+            else:
+                assert [x.num_free_blocks for x in rms] == before  # all or nothing
+        elif op == "finish":
+            rm.free(rid)
+            lengths.pop(rid, None)
+            owner_of.pop(rid, None)
+        elif op == "recall":
+            gm.apply_moves(gm.plan_recall(n))
+        elif rid in lengths:  # migrate logical block n of rid to instance inst
+            index = n % len(rm.table(rid))
+            move = gm.plan_move(rm.instance_id, rid, index, InstanceId(inst))
+            if move is not None:
+                gm.apply_moves([move])
+        gm.heartbeat_all()
+        gm.check_integrity()
+        for r, length in lengths.items():
+            assert len(owner_of[r].table(r)) == blocks_needed(length, 4)
+        assert sum(x.num_lent_blocks for x in rms) == sum(
+            x.num_borrowed_blocks() for x in rms)
+        assert all(x.num_lent_blocks <= cap for x in rms)
+    for rid, rm in list(owner_of.items()):
+        rm.free(rid)
+    assert [x.num_free_blocks for x in rms] == [6, 6, 6] and gm.debts == {}
+    gm.check_integrity()
