@@ -1,14 +1,23 @@
-"""Command line: `infinillm generate "prompt" [options]`.
+"""Command line: `infinillm generate "prompt" [options]`, `infinillm serve [options]`.
 
 User errors (bad values, missing model) print one line and exit with status 2; no traceback.
+`serve` runs until Ctrl-C (or SIGTERM): open streams are given a few seconds, then cancelled
+(their requests abort), and the engine loop stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+import os
+import shlex
 import sys
 import time
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send the prompt as is, without the model's chat template")
     _engine_args(gen)
     _sampling_args(gen)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and live page")
+    _engine_args(serve)
+    _serve_args(serve)
     return parser
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--executor", default="inproc", choices=["inproc"],
+                   help="how instances run: inproc = all in this process")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: loopback only)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    g.add_argument("--api-key", default=os.environ.get("INFINILLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* "
+                        "(default: $INFINILLM_API_KEY, else no key)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model id of the API (default: the model folder's name)")
 
 
 def _make_llm(args: argparse.Namespace):
@@ -100,6 +126,66 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def served_model_name(model: str | None) -> str:
+    """The API's model id: the folder's (or .gguf file's) name, or the default model's."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(model).expanduser()
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from infinillm.engine import AsyncEngine
+    from infinillm.server import create_app
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    llm = _make_llm(args)
+    engine = llm.engine
+    name = args.served_model_name or served_model_name(args.model)
+    aliases = {a for a in (args.model, str(engine.model_path)) if a}
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    app = create_app(async_engine, name, args.api_key, model_aliases=aliases)
+    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
+                            log_level="info" if args.verbose else "warning",
+                            timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    summary = (f"{name}: {len(engine.instances)} instance(s) x {engine.num_blocks_per_instance} "
+               f"blocks of {engine.config.cache.block_size} tokens, lending "
+               f"{'on' if engine.lending else 'off'}; loaded in {engine.load_seconds:.1f} s")
+    try:
+        asyncio.run(_run_server(server, summary, name, args.api_key))
+    finally:
+        async_engine.shutdown()
+        print("[infinillm] server stopped", file=sys.stderr)
+    return 0 if server.started else 1
+
+
+async def _run_server(server, summary: str, name: str, api_key: str | None) -> None:
+    """Run uvicorn; once it listens, print the URL and a curl example."""
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        print(_banner(f"http://{f'[{host}]' if ':' in host else host}:{port}", summary, name,
+                      api_key), flush=True)
+    await task
+
+
+def _banner(url: str, summary: str, name: str, api_key: str | None) -> str:
+    body = json.dumps({"model": name, "max_tokens": 32, "messages": [
+        {"role": "user", "content": "What is the capital of France?"}]})
+    auth = ' -H "Authorization: Bearer $INFINILLM_API_KEY"' if api_key else ""
+    return (f"[infinillm] {summary}\n"
+            f"[infinillm] OpenAI API at {url}/v1, live cluster page at {url}/ (Ctrl-C stops)\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+            f"    -d {shlex.quote(body)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -107,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
     except ValueError as e:
         print(f"infinillm: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_BACKENDS = ("auto", "torch", "cpu_flash")
+_EXECUTORS = ("inproc", "ray")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +72,30 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
-    """How a worker runs: attention backend, CPU threads, device."""
+    """How workers run: attention backend, CPU threads, device, and where.
+
+    `executor="inproc"` runs every instance in this process; `"ray"` runs each as a Ray actor
+    (its own process; `ray_address` None joins a cluster started with `ray start` on this
+    machine, or starts a local one). Tensors between actors travel over torch.distributed
+    (gloo on CPU); `dist_timeout_s` bounds a wait on a peer, which is how a dead peer is found
+    in the middle of a step.
+    """
 
     attention_backend: str = "auto"
     num_threads: int | None = None
     device: str = "cpu"
+    executor: str = "inproc"
+    ray_address: str | None = None
+    cpus_per_instance: float = 1.0
+    dist_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.executor not in _EXECUTORS:
+            raise ValueError(f"executor must be one of {_EXECUTORS}, got {self.executor!r}")
+        if self.cpus_per_instance <= 0:
+            raise ValueError(f"cpus_per_instance must be positive, got {self.cpus_per_instance}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.attention_backend not in _ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {_ATTENTION_BACKENDS}, "

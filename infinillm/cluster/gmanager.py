@@ -34,6 +34,12 @@ class GManager:
         rmanager.gmanager = self
         self.heartbeat(rmanager.instance_id)
 
+    def unregister(self, instance: InstanceId) -> None:
+        """Forget a lost instance; it must hold no loans and owe nothing any more."""
+        if any(instance in pair for pair in self.debts):
+            raise RuntimeError(f"instance {instance} still has debts: {self.debt_matrix()}")
+        del self.rmanagers[instance], self._free[instance], self._lendable[instance]
+
     def heartbeat(self, instance: InstanceId) -> None:
         """Refresh the view of one instance's free and lendable blocks."""
         rm = self.rmanagers[instance]

@@ -29,18 +29,19 @@ from infinillm.cluster import BlockMove, GManager, RManager
 from infinillm.config import Config
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import Scheduler
-from infinillm.kvcache import KVStorage, block_bytes, blocks_needed
-from infinillm.model import LlamaModel, load_arch, load_state_dict
+from infinillm.kvcache import block_bytes, blocks_needed
+from infinillm.model import load_arch
 from infinillm.model.arch import config_eos_token_ids
 from infinillm.model.resolve import resolve_model_path
 from infinillm.model.tokenizer import Tokenizer
-from infinillm.runtime import InProcFabric, Worker
+from infinillm.runtime.executor import InstanceLost, InstanceSpec, make_executor
 from infinillm.types import (
     FinishReason,
     InstanceId,
     Request,
     RequestId,
     RequestOutput,
+    RequestStatus,
     SamplingParams,
 )
 
@@ -54,7 +55,6 @@ class Instance:
     instance_id: InstanceId
     rmanager: RManager
     scheduler: Scheduler
-    worker: Worker
 
 
 class ClusterEngine:
@@ -77,7 +77,6 @@ class ClusterEngine:
             self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
         user_len = config.model.max_model_len or arch.max_model_len
         self.max_model_len = min(arch.max_model_len, user_len)
-        model = LlamaModel(arch, load_state_dict(path, dtype), dtype)
         cache = config.cache
         per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                 cache.block_size, dtype)
@@ -89,10 +88,12 @@ class ClusterEngine:
         cluster = config.cluster
         self.lending = cluster.lending and cluster.num_instances > 1
         self.max_lent_blocks = int(num_blocks * cluster.max_lent_fraction) if self.lending else 0
-        self.fabric = InProcFabric()
         self.gmanager = GManager(int(num_blocks * cluster.recall_headroom_fraction))
-        self.instances = [self._make_instance(InstanceId(i), model, num_blocks)
-                          for i in range(cluster.num_instances)]
+        ids = [InstanceId(i) for i in range(cluster.num_instances)]
+        spec = InstanceSpec(path, arch, dtype, num_blocks, cache.block_size,
+                            config.runtime.device)
+        self.executor = make_executor(config, spec, ids)
+        self.instances = [self._make_instance(i, num_blocks) for i in ids]
         self.num_migrations = 0
         self.num_standstills = 0
         self.streams: dict[RequestId, OutputStream] = {}
@@ -102,16 +103,18 @@ class ClusterEngine:
                     path, arch.architecture, arch.num_layers, self.load_seconds,
                     cluster.num_instances, num_blocks, cache.block_size)
 
-    def _make_instance(self, iid: InstanceId, model: LlamaModel, num_blocks: int) -> Instance:
-        arch, cache = self.arch, self.config.cache
-        storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, num_blocks,
-                            cache.block_size, model.dtype, self.config.runtime.device)
-        rmanager = RManager(iid, num_blocks, cache.block_size, self.max_lent_blocks)
+    def _make_instance(self, iid: InstanceId, num_blocks: int) -> Instance:
+        rmanager = RManager(iid, num_blocks, self.config.cache.block_size, self.max_lent_blocks)
         if self.lending:
             self.gmanager.register(rmanager)
-        self.fabric.register(iid, storage)
         scheduler = Scheduler(iid, self.config.scheduler, rmanager, can_wait=self.lending)
-        return Instance(iid, rmanager, scheduler, Worker(iid, model, storage, self.fabric))
+        return Instance(iid, rmanager, scheduler)
+
+    def instance(self, iid: InstanceId) -> Instance:
+        for inst in self.instances:
+            if inst.instance_id == iid:
+                return inst
+        raise KeyError(f"instance {iid} is not (or no longer) part of the cluster")
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -179,8 +182,7 @@ class ClusterEngine:
     def _route(self, request: Request) -> Instance:
         load = {i.instance_id: i.scheduler.num_unfinished for i in self.instances}
         if self.lending:
-            best = self.gmanager.least_loaded(list(load), load)
-            return self.instances[best]
+            return self.instance(self.gmanager.least_loaded(list(load), load))
         return max(self.instances, key=lambda i: (i.rmanager.num_free_blocks,
                                                   -load[i.instance_id], -i.instance_id))
 
@@ -189,7 +191,7 @@ class ClusterEngine:
         if stream is None:
             return
         stream.request.finish_reason = FinishReason.ABORT
-        self.instances[stream.request.instance_id].scheduler.remove(stream.request)
+        self.instance(stream.request.instance_id).scheduler.remove(stream.request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.streams)
@@ -204,9 +206,12 @@ class ClusterEngine:
         plans = [inst.scheduler.schedule() for inst in self.instances]
         if self.lending and not any(p.chunks for p in plans):
             self._break_standstill()
-        sampled: dict[RequestId, int] = {}
-        for inst, plan in zip(self.instances, plans):
-            sampled.update(inst.worker.execute(plan))
+        try:
+            sampled = self.executor.execute(plans)
+        except InstanceLost as lost:
+            logger.warning("%s; recomputing its requests on the others", lost)
+            self._lose_instances(lost.instances, plans)
+            return []
         return self._update(plans, sampled)
 
     def _update(self, plans, sampled: dict[RequestId, int]) -> list[RequestOutput]:
@@ -223,6 +228,31 @@ class ClusterEngine:
             inst.scheduler.out_of_blocks.clear()
         return outputs
 
+    def _lose_instances(self, dead: list[InstanceId], plans) -> None:
+        """Drop lost instances; every request they owned or held blocks for is recomputed on
+        the survivors from its prompt and the tokens it already has. Nothing of the failed
+        step was applied, so no request loses a token."""
+        for iid in dead:
+            lost = self.instance(iid)
+            orphans = list(lost.scheduler.running) + list(lost.scheduler.waiting)
+            for request in orphans:
+                lost.rmanager.free(request.request_id)  # gives back its loans elsewhere
+            for inst in self.instances:
+                for request in list(inst.scheduler.running):
+                    table = inst.rmanager.tables.get(request.request_id)
+                    if table is not None and iid in table.instances():
+                        inst.scheduler.preempt(request)
+            if self.lending:
+                self.gmanager.unregister(iid)
+            self.executor.remove_instance(iid)
+            self.instances.remove(lost)
+            if not self.instances:
+                raise RuntimeError("every instance of the cluster was lost") from None
+            for request in sorted(orphans, key=lambda r: r.arrival):
+                request.num_computed_tokens = 0
+                request.status = RequestStatus.WAITING
+                self._route(request).scheduler.add(request)
+
     def _recall(self) -> None:
         """Bring lent blocks home between steps (GManager.plan_recall)."""
         self._execute_moves(self.gmanager.plan_recall(self.config.cluster.recall_blocks_per_step))
@@ -231,7 +261,7 @@ class ClusterEngine:
         """Copy the data of every move, then switch tables: no step runs in between."""
         if not moves:
             return
-        self.fabric.move_blocks([(m.src[0], m.src[1], m.dst[0], m.dst[1]) for m in moves])
+        self.executor.move_blocks([(m.src[0], m.src[1], m.dst[0], m.dst[1]) for m in moves])
         self.gmanager.apply_moves(moves)
         self.num_migrations += len(moves)
 
@@ -242,7 +272,7 @@ class ClusterEngine:
             raise ValueError("migrating blocks needs lending (num_instances > 1, lending=True)")
         stream = self.streams.get(request_id)
         owner = stream.request.instance_id if stream else None
-        if owner is None or request_id not in self.instances[owner].rmanager.tables:
+        if owner is None or request_id not in self.instance(owner).rmanager.tables:
             raise ValueError(f"request {request_id!r} holds no blocks")
         move = self.gmanager.plan_move(owner, request_id, index, dst)
         if move is None:
@@ -306,7 +336,7 @@ class ClusterEngine:
                 "waiting": len(inst.scheduler.waiting),
                 "preemptions": inst.scheduler.num_preemptions,
             })
-        fabric = self.fabric.stats
+        fabric = self.executor.fabric_stats()
         return {
             "lending": self.lending,
             "block_size": self.config.cache.block_size,

@@ -1,14 +1,14 @@
 """Fabric: the data plane between instances. Every tensor that crosses instances goes here.
 
-Three exchanges, each batched per (owner, holder, layer) and step:
-- `attend`: the owner ships queries; the holder runs micro-attention over the blocks it stores
-  for each request and returns (out, lse) partials for the owner to merge;
-- `write_kv`: K/V of new tokens whose positions fall in blocks held elsewhere;
-- `move_blocks`: copy whole blocks between pools (recall and migration), all reads before any
-  write, so a set of moves may swap blocks.
+Per attention layer and step, one `exchange` per instance carries all of its remote traffic:
+as an owner, the K/V rows it must store on each holder and the queries of its requests that
+have blocks there; as a holder, it stores what others send and computes the micro-attention
+they ask for, returning (out, lse) partials that the owner merges. `move_blocks` copies whole
+blocks between pools (recall and migration), all reads before any write, so a set of moves may
+swap blocks.
 
-`InProcFabric` serves instances in one process (calls on the holder's storage); a
-multi-process fabric implements the same interface over torch.distributed.
+`InProcFabric` serves instances in one process (the owner's call works on the holder's storage
+directly). `DistFabric` (dist_fabric.py) does the same among processes over torch.distributed.
 """
 
 from __future__ import annotations
@@ -20,58 +20,73 @@ import torch
 
 from infinillm.attention import blocks_attention
 from infinillm.kvcache import KVStorage
+from infinillm.runtime.traffic import RemoteWork
 from infinillm.types import BlockId, InstanceId
 
-
-@dataclass(slots=True)
-class AttendItem:
-    """One request's share of a remote micro-attention: its queries [Lq, Hq, D] and the first
-    `num_tokens` slots of `block_ids`, the blocks the holder stores for it."""
-
-    query: torch.Tensor
-    block_ids: list[BlockId]
-    num_tokens: int
+Partial = tuple[torch.Tensor, torch.Tensor]  # (out [Lq, Hq, D], lse [Hq, Lq] float32)
+Move = tuple[InstanceId, BlockId, InstanceId, BlockId]  # src instance, src block, dst, dst block
 
 
 @dataclass(slots=True)
 class FabricStats:
-    remote_attention_calls: int = 0
-    remote_attention_items: int = 0
+    remote_attention_calls: int = 0  # one per (owner, holder, layer) exchange with queries
+    remote_attention_items: int = 0  # requests served in those calls
     remote_kv_writes: int = 0
     bytes_sent: int = 0
     blocks_moved: int = 0
     per_pair_calls: dict[tuple[InstanceId, InstanceId], int] = field(default_factory=dict)
 
+    def count(self, owner: InstanceId, holder: InstanceId, work: RemoteWork,
+              sent: int) -> None:
+        if work.items:
+            self.remote_attention_calls += 1
+            self.remote_attention_items += len(work.items)
+            key = (owner, holder)
+            self.per_pair_calls[key] = self.per_pair_calls.get(key, 0) + 1
+        self.remote_kv_writes += bool(work.write_rows)
+        self.bytes_sent += sent
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+
+def serve(storage: KVStorage, layer: int, work: RemoteWork, k: torch.Tensor, v: torch.Tensor,
+          queries: list[torch.Tensor], scale: float) -> list[Partial]:
+    """The holder's side of one owner's work: store K/V rows, compute each micro-attention.
+
+    k, v [len(work.write_rows), Hkv, D]; queries[i] [work.items[i].num_rows, Hq, D]."""
+    if work.write_rows:
+        storage.write(layer, torch.tensor(work.write_slots, dtype=torch.int64), k, v)
+    key_cache, value_cache = storage.layer(layer)
+    return [blocks_attention(q, key_cache, value_cache, i.prefix.block_ids, i.prefix.num_tokens,
+                             scale=scale) for q, i in zip(queries, work.items)]
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Fabric(ABC):
     def __init__(self) -> None:
         self.stats = FabricStats()
 
-    @abstractmethod
-    def attend(self, owner: InstanceId, holder: InstanceId, layer: int, items: list[AttendItem],
-               scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Micro-attention on `holder` for each item: (out [Lq, Hq, D], lse [Hq, Lq] fp32)."""
+    def begin_step(  # noqa: B027 (optional hook)
+        self, me: InstanceId, incoming: dict[InstanceId, RemoteWork]
+    ) -> None:
+        """Before a step: what other owners will ask of `me` (needed by multi-process fabrics
+        to size their receives; the in-process fabric ignores it)."""
+
+    def active(self, me: InstanceId) -> bool:
+        """Whether `me` must call `exchange` at every layer of this step as a holder."""
+        return False
 
     @abstractmethod
-    def write_kv(self, owner: InstanceId, holder: InstanceId, layer: int, slots: torch.Tensor,
-                 key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store K/V [T, Hkv, D] at flat `slots` [T] of `holder`'s cache."""
+    def exchange(self, me: InstanceId, layer: int, outgoing: dict[InstanceId, RemoteWork],
+                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> dict[InstanceId, list[Partial]]:
+        """Do `me`'s remote traffic of one layer; returns, per holder, the partials of its
+        items. q [T, Hq, D], k/v [T, Hkv, D] are `me`'s whole step batch (rows as in work)."""
 
     @abstractmethod
-    def move_blocks(self, moves: list[tuple[InstanceId, BlockId, InstanceId, BlockId]]) -> None:
+    def move_blocks(self, moves: list[Move]) -> None:
         """Copy (src instance, src block) -> (dst instance, dst block), every layer."""
-
-    def _count_attend(self, owner, holder, items, results) -> None:
-        s = self.stats
-        s.remote_attention_calls += 1
-        s.remote_attention_items += len(items)
-        s.per_pair_calls[owner, holder] = s.per_pair_calls.get((owner, holder), 0) + 1
-        s.bytes_sent += sum(_nbytes(i.query) for i in items)
-        s.bytes_sent += sum(_nbytes(o) + _nbytes(lse) for o, lse in results)
 
 
 class InProcFabric(Fabric):
@@ -84,21 +99,21 @@ class InProcFabric(Fabric):
     def register(self, instance: InstanceId, storage: KVStorage) -> None:
         self.storages[instance] = storage
 
-    def attend(self, owner, holder, layer, items, scale):
-        key_cache, value_cache = self.storages[holder].layer(layer)
-        results = [blocks_attention(i.query, key_cache, value_cache, i.block_ids, i.num_tokens,
-                                    scale=scale) for i in items]
-        self._count_attend(owner, holder, items, results)
+    def exchange(self, me, layer, outgoing, q, k, v, scale):
+        results = {}
+        for holder, work in outgoing.items():
+            rows = torch.tensor(work.write_rows, dtype=torch.int64)
+            queries = [q[i.row : i.row + i.num_rows] for i in work.items]
+            results[holder] = serve(self.storages[holder], layer, work, k[rows], v[rows],
+                                    queries, scale)
+            sent = nbytes(k[rows], v[rows], *queries)
+            sent += sum(nbytes(o, lse) for o, lse in results[holder])
+            self.stats.count(me, holder, work, sent)
         return results
-
-    def write_kv(self, owner, holder, layer, slots, key, value):
-        self.storages[holder].write(layer, slots, key, value)
-        self.stats.remote_kv_writes += 1
-        self.stats.bytes_sent += _nbytes(key) + _nbytes(value) + _nbytes(slots)
 
     def move_blocks(self, moves):
         data = [self.storages[src].read_block(block) for src, block, _, _ in moves]
         for (_, _, dst, block), (k, v) in zip(moves, data):
             self.storages[dst].write_block(block, k, v)
         self.stats.blocks_moved += len(moves)
-        self.stats.bytes_sent += sum(_nbytes(k) + _nbytes(v) for k, v in data)
+        self.stats.bytes_sent += sum(nbytes(k, v) for k, v in data)

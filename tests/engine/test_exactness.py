@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from infinillm import LLM, SamplingParams
+from infinillm.runtime.traffic import order_chunks
 
 NEW_TOKENS = 10
 
@@ -43,13 +44,13 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 
 def record_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
     """Wrap the worker's forward to keep every sampled logits row, by request id."""
-    worker = llm.engine.instances[0].worker
+    worker = llm.engine.executor.workers[0]
     forward = worker.model.forward
     seen: dict[str, list[torch.Tensor]] = {}
     execute = worker.execute
 
     def spy_execute(plan):
-        order = [c for c in worker._order(plan.chunks) if c.sample]
+        order = [c for c in order_chunks(worker.instance_id, plan.chunks)[0] if c.sample]
 
         def spy_forward(*args):
             logits = forward(*args)

@@ -1,0 +1,184 @@
+"""Longest prompt served: 1 instance vs N instances with the same per-instance KV pool.
+
+    .venv/bin/python bench/max_context.py [--instances 1,2,4] [--blocks-per-instance 48]
+                                          [--block-size 16] [--max-lent-fraction 0.9] [--seed 0]
+
+For each cluster size N (lending on; one instance has nothing to borrow from):
+1. the longest prompt the engine admits, found by bisection on `engine.prepare` (the admission
+   check, which raises ValueError for a prompt that cannot be served), and a check that one
+   token more is refused;
+2. a seeded prompt of exactly that length is served to completion (2 new tokens, greedy,
+   ignore_eos) by stepping the engine by hand, recording after every step the blocks the owner
+   has borrowed and on how many instances they live, and checking the ledger's integrity;
+3. (unless --no-reference) the same prompt on one instance whose pool holds it all: the greedy
+   tokens must be the same (DESIGN.md invariant 1, exactness).
+
+The target is ratio / N >= 0.9: N instances together serve a context at least 0.9 N times as
+long as one. By construction the admitted length is pool + (N - 1) * lendable blocks, so with
+`--max-lent-fraction 0.9` the ratio / N tends to 0.9 from above as N grows. Prints a table and,
+last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
+
+NEW_TOKENS = 2
+
+
+def longest_admitted(engine) -> int:
+    """The largest prompt length `engine.prepare` accepts (bisection; 0 if none)."""
+
+    def admitted(n: int) -> bool:
+        try:
+            engine.prepare([engine.arch.vocab_size - 1] * n)
+        except ValueError:
+            return False
+        return True
+
+    lo, hi = 0, engine.max_model_len  # admitted(lo) holds (or lo == 0); admitted(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if admitted(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def refusal(engine, n: int) -> str | None:
+    """The ValueError message for a prompt of `n` tokens, or None if it is admitted."""
+    try:
+        engine.prepare([engine.arch.vocab_size - 1] * n)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def serve(llm, prompt: list[int], sampling) -> dict:
+    """Serve one prompt by stepping the engine; track borrowing after every step."""
+    engine = llm.engine
+    rid = engine.add_request(prompt, sampling)
+    max_borrowed, max_holders, steps, out = 0, 1, 0, None
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id == rid and o.finished:
+                out = o
+        steps += 1
+        engine.check_integrity()
+        stats = llm.cluster_stats()
+        max_borrowed = max(max_borrowed, sum(i["borrowed_blocks"] for i in stats["instances"]))
+        for inst in engine.instances:
+            table = inst.rmanager.tables.get(rid)
+            if table is not None:
+                max_holders = max(max_holders, len({h for h, _ in table.entries}))
+    seconds = time.perf_counter() - t0
+    stats = llm.cluster_stats()
+    if any(i["free_blocks"] != i["total_blocks"] for i in stats["instances"]):
+        raise RuntimeError(f"pools not full after the request ended: {stats['instances']}")
+    token_ids = list(out.outputs[0].token_ids) if out is not None else []
+    return {"token_ids": token_ids, "completed": len(token_ids) == sampling.max_tokens,
+            "seconds": seconds, "steps": steps, "max_borrowed_blocks": max_borrowed,
+            "max_holders": max_holders, "stats": stats}
+
+
+def measure(args, n_inst: int, base_prompt: list[int], sampling) -> dict:
+    from infinillm import LLM
+
+    llm = LLM(args.model, block_size=args.block_size, kv_blocks_per_instance=args.blocks,
+              num_instances=n_inst, lending=True, max_lent_fraction=args.max_lent_fraction,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = llm.engine
+    length = longest_admitted(engine)
+    limit = "model context" if length == engine.max_model_len - 1 else "kv blocks"
+    refused = refusal(engine, length + 1)
+    prompt = base_prompt[:length]
+    result = serve(llm, prompt, sampling)
+    stats = result.pop("stats")
+    del llm
+    gc.collect()
+    return {"instances": n_inst, "max_prompt_tokens": length, "limited_by": limit,
+            "max_blocks_per_request": engine.max_blocks_per_request,
+            "plus_one_refused": refused is not None, "refusal": refused,
+            "prompt": prompt, **result,
+            "remote_attention_calls": stats["remote_attention_calls"],
+            "remote_bytes": stats["remote_bytes"], "preemptions": stats["preemptions"],
+            "standstills": stats["standstills"]}
+
+
+def reference_tokens(args, prompts: list[list[int]], sampling) -> list[list[int]]:
+    """Greedy tokens of each prompt on ONE instance whose pool holds the longest prompt."""
+    from infinillm import LLM
+
+    longest = max(len(p) for p in prompts) + NEW_TOKENS
+    llm = LLM(args.model, block_size=args.block_size,
+              kv_blocks_per_instance=-(-longest // args.block_size) + 1, num_instances=1,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    outs = [llm.generate([p], sampling, use_tqdm=False)[0] for p in prompts]
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded default)")
+    ap.add_argument("--instances", default="1,2,4", help="cluster sizes; the first is the base")
+    ap.add_argument("--blocks-per-instance", dest="blocks", type=int, default=48)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-lent-fraction", type=float, default=0.9)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the exactness check against one big instance")
+    args = ap.parse_args()
+    sizes = [int(n) for n in args.instances.split(",")]
+    from infinillm import SamplingParams
+    from infinillm.model import load_arch
+    from infinillm.model.resolve import resolve_model_path
+
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    # One seeded prompt as long as any cluster could admit; each N serves its prefix.
+    model_path = resolve_model_path(args.model)
+    arch = load_arch(model_path)
+    base = seeded_prompts(arch.vocab_size, 1, arch.max_model_len, arch.max_model_len,
+                          seed=args.seed)[0]
+    results = [measure(args, n, base, sampling) for n in sizes]
+    if not args.no_reference:
+        ref = reference_tokens(args, [r["prompt"] for r in results], sampling)
+        for r, tokens in zip(results, ref, strict=True):
+            r["same_tokens_as_one_big_instance"] = r["token_ids"] == tokens
+            r["reference_token_ids"] = tokens
+
+    base_len = results[0]["max_prompt_tokens"]
+    pool_tokens = args.blocks * args.block_size
+    rows = []
+    for r in results:
+        ratio = r["max_prompt_tokens"] / base_len
+        r["ratio_to_first"] = ratio
+        r["ratio_per_instance"] = ratio / r["instances"] * sizes[0]
+        row = {"instances": r["instances"], "pool tok/inst": pool_tokens,
+               "max prompt tok": r["max_prompt_tokens"], "limited by": r["limited_by"],
+               "ratio": round(ratio, 3), "ratio/N": round(r["ratio_per_instance"], 3),
+               "len+1 refused": r["plus_one_refused"], "served": r["completed"],
+               "max borrowed blk": r["max_borrowed_blocks"], "holders": r["max_holders"],
+               "remote MB": round(r["remote_bytes"] / 1e6, 1), "serve s": round(r["seconds"], 1)}
+        if "same_tokens_as_one_big_instance" in r:
+            row["same tokens"] = r["same_tokens_as_one_big_instance"]
+        rows.append(row)
+        del r["prompt"]
+    print_table(rows)
+    emit_json({"bench": "max_context", "machine": machine_info(), "model": str(model_path),
+               "block_size": args.block_size, "blocks_per_instance": args.blocks,
+               "max_lent_fraction": args.max_lent_fraction, "seed": args.seed,
+               "new_tokens": NEW_TOKENS, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Executors run the instances' workers for the engine: in this process, or as Ray actors.
+
+The engine hands an executor one StepPlan per instance and gets back the sampled tokens; block
+moves (recall, migration) go the same way. An executor that loses an instance raises
+`InstanceLost` for the step; the engine then drops that instance and recomputes what it held.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from infinillm.kvcache import KVStorage
+from infinillm.model import LlamaModel, ModelArch, load_state_dict
+from infinillm.runtime.fabric import FabricStats, InProcFabric, Move
+from infinillm.runtime.worker import Worker
+from infinillm.types import InstanceId, RequestId, StepPlan
+
+
+class InstanceLost(RuntimeError):
+    """Instances died during a step; nothing of the step was applied."""
+
+    def __init__(self, instances: list[InstanceId], cause: str) -> None:
+        super().__init__(f"lost instance(s) {instances}: {cause}")
+        self.instances = instances
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    """What every instance of a deployment is built from."""
+
+    model_path: Path
+    arch: ModelArch
+    dtype: torch.dtype
+    num_blocks: int
+    block_size: int
+    device: str
+
+
+def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
+                 fabric) -> Worker:
+    """A worker with its own KV storage; loads the model unless one is given (shared)."""
+    if model is None:
+        model = LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype), spec.dtype)
+    arch = spec.arch
+    storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks,
+                        spec.block_size, spec.dtype, spec.device)
+    return Worker(iid, model, storage, fabric)
+
+
+class Executor(ABC):
+    @abstractmethod
+    def execute(self, plans: list[StepPlan]) -> dict[RequestId, int]:
+        """Run one step on every instance that has a plan; raises InstanceLost."""
+
+    @abstractmethod
+    def move_blocks(self, moves: list[Move]) -> None:
+        """Copy blocks between instances' storages (all reads before any write)."""
+
+    @abstractmethod
+    def fabric_stats(self) -> FabricStats:
+        """Remote traffic so far, summed over instances."""
+
+    def remove_instance(self, instance: InstanceId) -> None:  # noqa: B027 (optional)
+        """Forget an instance that was lost."""
+
+    def shutdown(self) -> None:  # noqa: B027 (optional)
+        """Release processes and memory."""
+
+
+class InProcExecutor(Executor):
+    """Every instance in this process, sharing one read-only copy of the weights."""
+
+    def __init__(self, spec: InstanceSpec, instance_ids: list[InstanceId]) -> None:
+        model = LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype), spec.dtype)
+        self.fabric = InProcFabric()
+        self.workers = {i: build_worker(spec, i, model, self.fabric) for i in instance_ids}
+        for iid, worker in self.workers.items():
+            self.fabric.register(iid, worker.storage)
+
+    def execute(self, plans: list[StepPlan]) -> dict[RequestId, int]:
+        sampled: dict[RequestId, int] = {}
+        for plan in plans:
+            sampled.update(self.workers[plan.instance_id].execute(plan))
+        return sampled
+
+    def move_blocks(self, moves: list[Move]) -> None:
+        self.fabric.move_blocks(moves)
+
+    def fabric_stats(self) -> FabricStats:
+        return self.fabric.stats
+
+
+def make_executor(config, spec: InstanceSpec, instance_ids: list[InstanceId]) -> Executor:
+    """The executor named by `config.runtime.executor` ("inproc" or "ray")."""
+    if config.runtime.executor == "ray":
+        from infinillm.runtime.ray_executor import RayExecutor
+
+        return RayExecutor(config, spec, instance_ids)
+    return InProcExecutor(spec, instance_ids)

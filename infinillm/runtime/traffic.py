@@ -1,0 +1,95 @@
+"""Where a step's tensors go: the row order of a step and the remote work it causes.
+
+Both the worker that owns the requests and, for a multi-process fabric, the driver (to tell
+each holder what it will receive) derive the same facts from a StepPlan with these functions:
+the order of rows in the step's token batch, and per holder, which rows' K/V it must store at
+which slots and which micro-attentions it must compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infinillm.types import BlockId, InstanceId, ScheduledChunk
+
+# Decode requests with a context up to this many tokens share one padded kernel call; padding
+# costs (longest - shortest) gathered keys per request, so long contexts go one by one.
+MAX_PADDED_DECODE_LEN = 4096
+
+
+@dataclass(slots=True)
+class Prefix:
+    """Positions before a chunk that one holder stores: the first `num_tokens` slots of
+    `block_ids`."""
+
+    block_ids: list[BlockId]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class RemoteItem:
+    """One request's micro-attention on a holder: query rows [row, row + num_rows) of the
+    owner's batch over the holder's part of the request's prefix."""
+
+    row: int
+    num_rows: int
+    prefix: Prefix
+
+
+@dataclass(slots=True)
+class RemoteWork:
+    """Everything one owner asks of one holder in a step."""
+
+    write_rows: list[int] = field(default_factory=list)
+    write_slots: list[int] = field(default_factory=list)
+    items: list[RemoteItem] = field(default_factory=list)
+
+    @property
+    def num_query_rows(self) -> int:
+        return sum(i.num_rows for i in self.items)
+
+
+def is_padded_decode(me: InstanceId, c: ScheduledChunk) -> bool:
+    return (len(c.token_ids) == 1 and c.start_pos < MAX_PADDED_DECODE_LEN
+            and all(holder == me for holder, _ in c.blocks))
+
+
+def order_chunks(me: InstanceId, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], int]:
+    """The step's row order (padded decodes first) and how many chunks are padded decodes."""
+    padded = [c for c in chunks if is_padded_decode(me, c)]
+    if len(padded) == len(chunks):
+        return chunks, len(padded)
+    return padded + [c for c in chunks if not is_padded_decode(me, c)], len(padded)
+
+
+def prefix_by_holder(c: ScheduledChunk, block_size: int) -> dict[InstanceId, Prefix]:
+    """Split positions [0, start_pos) of a chunk's request by the instance that stores them."""
+    num_full, tail = divmod(c.start_pos, block_size)
+    by_holder: dict[InstanceId, Prefix] = {}
+    for index in range(num_full + (tail > 0)):
+        holder, block = c.blocks[index]
+        p = by_holder.setdefault(holder, Prefix([], 0))
+        p.block_ids.append(block)
+        p.num_tokens += block_size if index < num_full else tail
+    return by_holder
+
+
+def remote_work(me: InstanceId, chunks: list[ScheduledChunk], num_padded: int,
+                block_size: int) -> dict[InstanceId, RemoteWork]:
+    """Per holder other than `me`, the writes and micro-attentions of `me`'s ordered chunks."""
+    work: dict[InstanceId, RemoteWork] = {}
+    row = 0
+    for n, c in enumerate(chunks):
+        for pos in range(c.start_pos, c.start_pos + len(c.token_ids)):
+            holder, block = c.blocks[pos // block_size]
+            if holder != me:
+                w = work.setdefault(holder, RemoteWork())
+                w.write_rows.append(row + pos - c.start_pos)
+                w.write_slots.append(block * block_size + pos % block_size)
+        if n >= num_padded:
+            for holder, prefix in prefix_by_holder(c, block_size).items():
+                if holder != me:
+                    item = RemoteItem(row, len(c.token_ids), prefix)
+                    work.setdefault(holder, RemoteWork()).items.append(item)
+        row += len(c.token_ids)
+    return work

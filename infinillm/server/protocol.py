@@ -1,0 +1,355 @@
+"""The OpenAI API's request and response bodies, as pydantic models.
+
+Requests are validated strictly (`model_validate_json(..., strict)`): a JSON string is not a
+number, `true` is not 1, NaN and infinities are refused, and unknown fields are refused (the
+server turns every `ValidationError` into HTTP 400 with the field in `param`). Fields of the
+OpenAI API that we accept but do not implement (penalties, logit_bias, logprobs, echo, ...) are
+declared so that their neutral values pass and anything else fails with a clear message. Four
+vLLM extensions are accepted: `top_k`, `ignore_eos`, `stop_token_ids`,
+`include_stop_str_in_output`.
+
+Responses follow the OpenAI shapes field for field (`null` where OpenAI sends null), so that the
+official client parses them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from infinillm.types import SamplingParams
+
+MAX_CHOICES = 128  # OpenAI's own limit on n; also caps prompts x n of a batch
+MAX_STOP = 16
+# Temperatures below this are greedy (vLLM does the same): dividing logits by a tiny
+# temperature overflows float32 and turns the softmax into NaN.
+GREEDY_EPS = 1e-5
+
+
+class APIError(Exception):
+    """An error the client caused (or 5xx), rendered as an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def validation_error(error: ValidationError) -> APIError:
+    """A pydantic ValidationError as a 400: up to three problems, `param` their common field."""
+    problems = error.errors(include_url=False)
+    if any(p["type"] == "json_invalid" for p in problems):
+        return APIError(400, f"malformed JSON body: {problems[0]['msg']}", code="invalid_json")
+    locs = [tuple(p["loc"]) for p in problems]
+    common: list[Any] = []
+    for parts in zip(*locs):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    param = ".".join(str(x) for x in common) or None
+    lines = []
+    for p in problems[:3]:
+        where = ".".join(str(x) for x in p["loc"]) or "body"
+        got = "" if p["type"] == "missing" else f" (got {_short(p.get('input'))})"
+        lines.append(f"{where}: {p['msg']}{got}")
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return APIError(400, "; ".join(lines) + more, param=param)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's; accepted, ignored
+
+
+class SamplingRequest(RequestModel):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> SamplingRequest:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(f"{name} is not supported (only 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ValueError(f"stop has {len(self.stop)} strings; at most {MAX_STOP}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, index: int, max_tokens: int) -> SamplingParams:
+        """The engine's parameters for choice `index` (a seed becomes seed + index, so that
+        the n choices of one seeded request differ and each is reproducible)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0 if temperature < GREEDY_EPS else temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=None if self.seed is None else self.seed + index,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=bool(self.ignore_eos),
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+        )
+
+
+Prompt = str | list[int] | list[str] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported_completion(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        if self.best_of not in (None, self.num_choices):
+            raise ValueError("best_of is not supported (only equal to n)")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or a batch (a list of strings or of id lists)."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            return list(p)
+        return [p]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, refusal, annotations, ... of an echoed reply) are ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_template_message(self) -> dict[str, str]:
+        # "developer" is OpenAI's newer name for the system role.
+        role = "system" if self.role == "developer" else self.role
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": role, "content": content}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _unsupported_chat(self) -> ChatCompletionRequest:
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs is not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format is not supported (only {'type': 'text'})")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools are not supported")
+        return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Both the whole response and, with object "text_completion", each streamed chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "infinillm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- server-sent events ----------------------------------------------------------------------
+
+def sse(body: BaseModel | dict) -> str:
+    """One server-sent event: `data: {json}` and a blank line."""
+    text = body.model_dump_json() if isinstance(body, BaseModel) else json.dumps(body)
+    return f"data: {text}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class CompletionChunks:
+    """The events of a streamed completion: text deltas per choice, then usage."""
+
+    def __init__(self, response_id: str, model: str) -> None:
+        self.response_id, self.model, self.created = response_id, model, int(time.time())
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return sse(CompletionResponse(id=self.response_id, created=self.created,
+                                      model=self.model, choices=choices, usage=usage))
+
+    def start(self, num_choices: int) -> list[str]:
+        return []
+
+    def delta(self, index: int, text: str, finish_reason: str | None) -> str:
+        return self._chunk([CompletionChoice(index=index, text=text,
+                                             finish_reason=finish_reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+
+class ChatChunks(CompletionChunks):
+    """The events of a streamed chat completion: the assistant role first for every choice
+    (as OpenAI sends it), then content deltas, then usage."""
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=self.response_id, created=self.created,
+                                       model=self.model, choices=choices, usage=usage))
+
+    def start(self, num_choices: int) -> list[str]:
+        return [self._chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                             for i in range(num_choices)])]
+
+    def delta(self, index: int, text: str, finish_reason: str | None) -> str:
+        return self._chunk([ChatChunkChoice(index=index, delta=Delta(content=text or None),
+                                            finish_reason=finish_reason)])
