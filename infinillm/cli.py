@@ -152,7 +152,15 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                             log_level="info" if args.verbose else "warning",
                             timeout_graceful_shutdown=3)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # Stop the engine first: open streams then end at once with an error event and
+            # [DONE] (plain requests get 503) instead of being cancelled after a timeout.
+            await asyncio.to_thread(async_engine.shutdown)
+            await super().shutdown(sockets)
+
+    server = Server(config)
     summary = (f"{name}: {len(engine.instances)} instance(s) x {engine.num_blocks_per_instance} "
                f"blocks of {engine.config.cache.block_size} tokens, lending "
                f"{'on' if engine.lending else 'off'}; loaded in {engine.load_seconds:.1f} s")

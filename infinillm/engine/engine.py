@@ -303,6 +303,9 @@ class ClusterEngine:
             del self.streams[stream.request.request_id]
         return out
 
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
     # ---- inspection -----------------------------------------------------------------------
 
     def check_integrity(self) -> None:

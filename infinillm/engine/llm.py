@@ -42,6 +42,10 @@ class LLM:
         max_lent_fraction: float = 0.9,
         attention_backend: str = "auto",
         num_threads: int | None = None,
+        executor: str = "inproc",
+        ray_address: str | None = None,
+        cpus_per_instance: float = 1.0,
+        dist_timeout_s: float = 60.0,
     ) -> None:
         config = Config(
             model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
@@ -49,11 +53,24 @@ class LLM:
                               memory_bytes=kv_cache_memory_bytes),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens),
-            runtime=RuntimeConfig(attention_backend=attention_backend, num_threads=num_threads),
+            runtime=RuntimeConfig(attention_backend=attention_backend, num_threads=num_threads,
+                                  executor=executor, ray_address=ray_address,
+                                  cpus_per_instance=cpus_per_instance,
+                                  dist_timeout_s=dist_timeout_s),
             cluster=ClusterConfig(num_instances=num_instances, lending=lending,
                                   max_lent_fraction=max_lent_fraction),
         )
         self.engine = ClusterEngine(config)
+
+    def shutdown(self) -> None:
+        """Stop the instances (Ray actors and their processes, if any). Idempotent."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

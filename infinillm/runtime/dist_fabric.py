@@ -1,0 +1,162 @@
+"""DistFabric: the fabric among instance processes, over torch.distributed point-to-point.
+
+Each instance process holds one DistFabric. Per layer, `exchange` runs two rounds of
+`batch_isend_irecv`, each between only the pairs of instances that have traffic this step:
+
+    1. owner -> holder: one flat tensor with the K/V rows to store there and the queries of
+       every request that has blocks there;
+    2. holder -> owner: the partial outputs (model dtype) and their lse (float32).
+
+Message sizes follow from the step's plans: the owner derives its outgoing work itself, and the
+driver hands every holder its incoming work in `begin_step`, so no sizes are exchanged. Block
+moves use the same channels. gloo serves CPUs; NCCL would serve GPUs through the same calls.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from infinillm.kvcache import KVStorage
+from infinillm.runtime.fabric import Fabric, Move, Partial, nbytes, serve
+from infinillm.runtime.traffic import RemoteWork
+from infinillm.types import InstanceId
+
+
+class DistFabric(Fabric):
+    def __init__(self, me: InstanceId, storage: KVStorage, num_heads: int) -> None:
+        super().__init__()
+        self.me = me
+        self.storage = storage
+        self.num_heads = num_heads
+        self.kv_heads = storage.keys.shape[1]
+        self.head_dim = storage.keys.shape[-1]
+        self.dtype = storage.keys.dtype
+        self.ranks: dict[InstanceId, int] = {}
+        self.incoming: dict[InstanceId, RemoteWork] = {}
+
+    # ---- group ----------------------------------------------------------------------------
+
+    def connect(self, init_method: str, ranks: dict[InstanceId, int], timeout_s: float) -> None:
+        """Join (or rejoin, after a peer was lost) the process group of `ranks`."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.ranks = dict(ranks)
+        dist.init_process_group("gloo", init_method=init_method, rank=ranks[self.me],
+                                world_size=len(ranks), timeout=timedelta(seconds=timeout_s))
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def begin_step(self, me: InstanceId, incoming: dict[InstanceId, RemoteWork]) -> None:
+        self.incoming = incoming
+
+    def active(self, me: InstanceId) -> bool:
+        return bool(self.incoming)
+
+    def _run(self, sends: list[tuple[torch.Tensor, InstanceId]],
+             recvs: list[tuple[torch.Tensor, InstanceId]]) -> None:
+        ops = [dist.P2POp(dist.isend, t, self.ranks[peer]) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.ranks[peer]) for t, peer in recvs]
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+
+    def exchange(self, me, layer, outgoing, q, k, v, scale):
+        hkv, hq, d = self.kv_heads, self.num_heads, self.head_dim
+        # round 1: K/V rows and queries to holders; the same from owners that use our blocks
+        sends = []
+        for holder, work in outgoing.items():
+            rows = torch.tensor(work.write_rows, dtype=torch.int64)
+            parts = [k[rows].reshape(-1), v[rows].reshape(-1)]
+            parts += [q[i.row : i.row + i.num_rows].reshape(-1) for i in work.items]
+            payload = torch.cat(parts)
+            sends.append((payload, holder))
+            self.stats.count(me, holder, work, nbytes(payload))
+        recvs = [(torch.empty((2 * len(w.write_rows) * hkv + w.num_query_rows * hq) * d,
+                              dtype=self.dtype), owner) for owner, w in self.incoming.items()]
+        self._run(sends, recvs)
+        # serve the owners, then round 2: partials back; ours from the holders
+        replies = []
+        for buf, owner in recvs:
+            work = self.incoming[owner]
+            partials = serve(self.storage, layer, work, *self._unpack_request(buf, work), scale)
+            if partials:
+                outs = torch.cat([o.reshape(-1) for o, _ in partials]).to(self.dtype)
+                lses = torch.cat([lse.reshape(-1) for _, lse in partials]).float()
+                replies += [(outs, owner), (lses, owner)]
+        waiting = {}
+        for holder, work in outgoing.items():
+            if work.items:
+                n = work.num_query_rows
+                waiting[holder] = (torch.empty(n * hq * d, dtype=self.dtype),
+                                   torch.empty(n * hq, dtype=torch.float32))
+        recv2 = [(t, h) for h, pair in waiting.items() for t in pair]
+        self._run(replies, recv2)
+        return {h: self._unpack_reply(outs, lses, outgoing[h]) for h, (outs, lses) in
+                waiting.items()}
+
+    def _unpack_request(self, buf: torch.Tensor, work: RemoteWork):
+        hkv, hq, d = self.kv_heads, self.num_heads, self.head_dim
+        n = len(work.write_rows) * hkv * d
+        k = buf[:n].view(-1, hkv, d)
+        v = buf[n : 2 * n].view(-1, hkv, d)
+        queries, offset = [], 2 * n
+        for item in work.items:
+            size = item.num_rows * hq * d
+            queries.append(buf[offset : offset + size].view(item.num_rows, hq, d))
+            offset += size
+        return k, v, queries
+
+    def _unpack_reply(self, outs: torch.Tensor, lses: torch.Tensor,
+                      work: RemoteWork) -> list[Partial]:
+        hq, d = self.num_heads, self.head_dim
+        result, o_off, l_off = [], 0, 0
+        for item in work.items:
+            n = item.num_rows
+            result.append((outs[o_off : o_off + n * hq * d].view(n, hq, d),
+                           lses[l_off : l_off + hq * n].view(hq, n)))
+            o_off += n * hq * d
+            l_off += hq * n
+        return result
+
+    # ---- block moves ----------------------------------------------------------------------
+
+    def move_blocks(self, moves: list[Move]) -> None:
+        """Run this instance's part of a set of moves; every instance named in `moves` calls
+        this with the same list."""
+        me = self.me
+        outgoing: dict[InstanceId, list[torch.Tensor]] = {}
+        local = []
+        for src, block, dst, dst_block in moves:
+            if src != me:
+                continue
+            k, v = self.storage.read_block(block)
+            if dst == me:
+                local.append((dst_block, k, v))
+            else:
+                outgoing.setdefault(dst, []).extend([k.reshape(-1), v.reshape(-1)])
+        block_numel = self.storage.keys[:, :, 0].numel()
+        incoming: dict[InstanceId, list[int]] = {}
+        for src, _, dst, dst_block in moves:
+            if dst == me and src != me:
+                incoming.setdefault(src, []).append(dst_block)
+        sends = [(torch.cat(parts), dst) for dst, parts in outgoing.items()]
+        recvs = [(torch.empty(2 * len(blocks) * block_numel, dtype=self.dtype), src)
+                 for src, blocks in incoming.items()]
+        self._run(sends, recvs)
+        shape = self.storage.keys[:, :, 0].shape
+        for (buf, src) in recvs:
+            for i, dst_block in enumerate(incoming[src]):
+                k = buf[2 * i * block_numel : (2 * i + 1) * block_numel].view(shape)
+                v = buf[(2 * i + 1) * block_numel : (2 * i + 2) * block_numel].view(shape)
+                local.append((dst_block, k, v))
+        for dst_block, k, v in local:
+            self.storage.write_block(dst_block, k, v)
+        self.stats.blocks_moved += sum(1 for m in moves if m[0] == me)
+        self.stats.bytes_sent += sum(nbytes(t) for t, _ in sends)

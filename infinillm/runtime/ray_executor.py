@@ -1,0 +1,183 @@
+"""RayExecutor: each instance is a Ray actor (its own process, device and model copy).
+
+The driver keeps the schedulers, RManagers and the GManager; Ray carries control only (a step's
+plan to each actor, sampled tokens back). Tensors between instances travel over
+torch.distributed among the actors (DistFabric). If an actor dies, the step fails with
+InstanceLost; the survivors rebuild their process group, and the engine recomputes what the
+lost instance held.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+
+from infinillm.runtime.executor import Executor, InstanceLost, InstanceSpec, build_worker
+from infinillm.runtime.fabric import FabricStats, Move
+from infinillm.runtime.traffic import RemoteWork, order_chunks, remote_work
+from infinillm.types import InstanceId, RequestId, StepPlan
+
+logger = logging.getLogger("infinillm")
+
+
+class InstanceActor:
+    """One instance's worker and fabric, living in a Ray actor process."""
+
+    def __init__(self, spec: InstanceSpec, iid: InstanceId, num_threads: int | None,
+                 attention_backend: str) -> None:
+        import torch
+
+        from infinillm.attention import set_backend
+        from infinillm.runtime.dist_fabric import DistFabric
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        set_backend(attention_backend)
+        self.worker = build_worker(spec, iid, None, None)
+        self.fabric = DistFabric(iid, self.worker.storage, spec.arch.num_heads)
+        self.worker.fabric = self.fabric
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port on it, for the process group's store."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return host, s.getsockname()[1]
+
+    def connect(self, init_method: str, ranks: dict[InstanceId, int], timeout_s: float) -> bool:
+        self.fabric.connect(init_method, ranks, timeout_s)
+        return True
+
+    def execute(self, plan: StepPlan, incoming: dict[InstanceId, RemoteWork]):
+        self.fabric.begin_step(plan.instance_id, incoming)
+        try:
+            return self.worker.execute(plan)
+        finally:
+            self.fabric.begin_step(plan.instance_id, {})
+
+    def move_blocks(self, moves: list[Move]) -> bool:
+        self.fabric.move_blocks(moves)
+        return True
+
+    def stats(self) -> FabricStats:
+        return self.fabric.stats
+
+    def close(self) -> None:
+        self.fabric.close()
+
+
+class RayExecutor(Executor):
+    def __init__(self, config, spec: InstanceSpec, instance_ids: list[InstanceId]) -> None:
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in the home folder
+        runtime = config.runtime
+        try:
+            ray.init(address=runtime.ray_address, ignore_reinit_error=True,
+                     include_dashboard=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot reach the Ray cluster at {runtime.ray_address!r}: {e}") \
+                from None
+        self._ray = ray
+        gpus = 1 if runtime.device.startswith("cuda") else 0
+        self._check_resources(len(instance_ids), runtime.cpus_per_instance, gpus)
+        actor_cls = ray.remote(num_cpus=runtime.cpus_per_instance, num_gpus=gpus,
+                               max_restarts=0)(InstanceActor)
+        threads = runtime.num_threads or max(1, int(runtime.cpus_per_instance))
+        self.actors = {i: actor_cls.remote(spec, i, threads, runtime.attention_backend)
+                       for i in instance_ids}
+        self.block_size = spec.block_size
+        self.timeout_s = runtime.dist_timeout_s
+        self._connect()
+        atexit.register(self.shutdown)
+
+    def _check_resources(self, n: int, cpus: float, gpus: int) -> None:
+        have = self._ray.cluster_resources()
+        need = {"CPU": n * cpus, "GPU": n * gpus}
+        short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
+        if short:
+            self._ray.shutdown()
+            raise ValueError(f"the Ray cluster has too few resources for {n} instances: "
+                             + ", ".join(f"{k} needs {v:g}, has {h:g}"
+                                         for k, (v, h) in short.items()))
+
+    def _connect(self) -> None:
+        """(Re)build the process group over the live actors; rank 0 hosts the store."""
+        ids = sorted(self.actors)
+        host, port = self._ray.get(self.actors[ids[0]].address.remote())
+        ranks = {iid: r for r, iid in enumerate(ids)}
+        init = f"tcp://{host}:{port}"
+        self._ray.get([self.actors[i].connect.remote(init, ranks, self.timeout_s) for i in ids])
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def execute(self, plans: list[StepPlan]) -> dict[RequestId, int]:
+        incoming: dict[InstanceId, dict[InstanceId, RemoteWork]] = {i: {} for i in self.actors}
+        for plan in plans:
+            chunks, num_padded = order_chunks(plan.instance_id, plan.chunks)
+            for holder, work in remote_work(plan.instance_id, chunks, num_padded,
+                                            self.block_size).items():
+                incoming[holder][plan.instance_id] = work
+        calls = {p.instance_id: self.actors[p.instance_id].execute.remote(p, incoming[p.instance_id])
+                 for p in plans if p.chunks or incoming[p.instance_id]}
+        calls.update({i: self.actors[i].execute.remote(StepPlan(i), incoming[i])
+                      for i in self.actors if i not in calls and incoming[i]})
+        sampled: dict[RequestId, int] = {}
+        for result in self._gather(calls).values():
+            sampled.update(result)
+        return sampled
+
+    def move_blocks(self, moves: list[Move]) -> None:
+        involved = {m[0] for m in moves} | {m[2] for m in moves}
+        self._gather({i: self.actors[i].move_blocks.remote(moves) for i in involved})
+
+    def _gather(self, calls: dict[InstanceId, object]) -> dict[InstanceId, object]:
+        """Results of actor calls; InstanceLost (after regrouping the rest) if any died."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        results, dead, failed = {}, [], []
+        for iid, ref in calls.items():
+            try:
+                results[iid] = self._ray.get(ref)
+            except RayActorError:
+                dead.append(iid)
+            except RayTaskError as e:  # a survivor timed out waiting on a dead peer
+                failed.append((iid, e))
+        if dead:
+            for iid in dead:
+                self.actors.pop(iid)
+            if self.actors:
+                self._connect()
+            raise InstanceLost(dead, "Ray actor died")
+        if failed:
+            raise failed[0][1]
+        return results
+
+    def fabric_stats(self) -> FabricStats:
+        total = FabricStats()  # a lost actor takes its counts with it
+        for stats in self._ray.get([a.stats.remote() for a in self.actors.values()]):
+            for name in ("remote_attention_calls", "remote_attention_items", "remote_kv_writes",
+                         "bytes_sent", "blocks_moved"):
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+        return total
+
+    def remove_instance(self, instance: InstanceId) -> None:
+        actor = self.actors.pop(instance, None)
+        if actor is not None:
+            self._ray.kill(actor)
+            self._connect()
+
+    def shutdown(self) -> None:
+        if not getattr(self, "actors", None):
+            return
+        for actor in self.actors.values():
+            try:
+                self._ray.kill(actor)
+            except Exception:  # already gone
+                pass
+        self.actors = {}
+        self._ray.shutdown()
