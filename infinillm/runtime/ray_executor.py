@@ -122,10 +122,12 @@ class RayExecutor(Executor):
             for holder, work in remote_work(plan.instance_id, chunks, num_padded,
                                             self.block_size).items():
                 incoming[holder][plan.instance_id] = work
-        calls = {p.instance_id: self.actors[p.instance_id].execute.remote(p, incoming[p.instance_id])
-                 for p in plans if p.chunks or incoming[p.instance_id]}
-        calls.update({i: self.actors[i].execute.remote(StepPlan(i), incoming[i])
-                      for i in self.actors if i not in calls and incoming[i]})
+        by_id = {p.instance_id: p for p in plans}
+        calls = {}
+        for iid, actor in self.actors.items():  # holders without tokens of their own too
+            plan = by_id.get(iid, StepPlan(iid))
+            if plan.chunks or incoming[iid]:
+                calls[iid] = actor.execute.remote(plan, incoming[iid])
         sampled: dict[RequestId, int] = {}
         for result in self._gather(calls).values():
             sampled.update(result)
