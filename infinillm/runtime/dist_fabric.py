@@ -14,6 +14,7 @@ moves use the same channels. gloo serves CPUs; NCCL would serve GPUs through the
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
@@ -68,6 +69,13 @@ class DistFabric(Fabric):
                 request.wait()
 
     def exchange(self, me, layer, outgoing, q, k, v, scale):
+        started = time.perf_counter()
+        try:
+            return self._exchange(me, layer, outgoing, q, k, v, scale)
+        finally:
+            self.stats.exchange_seconds += time.perf_counter() - started
+
+    def _exchange(self, me, layer, outgoing, q, k, v, scale):
         hkv, hq, d = self.kv_heads, self.num_heads, self.head_dim
         # round 1: K/V rows and queries to holders; the same from owners that use our blocks
         sends = []

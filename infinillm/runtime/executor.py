@@ -7,6 +7,7 @@ moves (recall, migration) go the same way. An executor that loses an instance ra
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,11 @@ class InProcExecutor(Executor):
             self.fabric.register(iid, worker.storage)
 
     def execute(self, plans: list[StepPlan]) -> dict[RequestId, int]:
+        started = time.perf_counter()
         sampled: dict[RequestId, int] = {}
         for plan in plans:
             sampled.update(self.workers[plan.instance_id].execute(plan))
+        self.fabric.stats.execute_seconds += time.perf_counter() - started
         return sampled
 
     def move_blocks(self, moves: list[Move]) -> None:

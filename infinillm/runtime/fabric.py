@@ -13,6 +13,7 @@ directly). `DistFabric` (dist_fabric.py) does the same among processes over torc
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ class FabricStats:
     remote_kv_writes: int = 0
     bytes_sent: int = 0
     blocks_moved: int = 0
+    exchange_seconds: float = 0.0  # wall time inside `exchange`, holder work included
+    execute_seconds: float = 0.0  # wall time of the worker's steps (set by the executor)
     per_pair_calls: dict[tuple[InstanceId, InstanceId], int] = field(default_factory=dict)
 
     def count(self, owner: InstanceId, holder: InstanceId, work: RemoteWork,
@@ -100,6 +103,7 @@ class InProcFabric(Fabric):
         self.storages[instance] = storage
 
     def exchange(self, me, layer, outgoing, q, k, v, scale):
+        started = time.perf_counter()
         results = {}
         for holder, work in outgoing.items():
             rows = torch.tensor(work.write_rows, dtype=torch.int64)
@@ -109,6 +113,7 @@ class InProcFabric(Fabric):
             sent = nbytes(k[rows], v[rows], *queries)
             sent += sum(nbytes(o, lse) for o, lse in results[holder])
             self.stats.count(me, holder, work, sent)
+        self.stats.exchange_seconds += time.perf_counter() - started
         return results
 
     def move_blocks(self, moves):

@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import socket
+import time
 
 from infinillm.runtime.executor import Executor, InstanceLost, InstanceSpec, build_worker
 from infinillm.runtime.fabric import FabricStats, Move
@@ -53,11 +54,13 @@ class InstanceActor:
         return True
 
     def execute(self, plan: StepPlan, incoming: dict[InstanceId, RemoteWork]):
+        started = time.perf_counter()
         self.fabric.begin_step(plan.instance_id, incoming)
         try:
             return self.worker.execute(plan)
         finally:
             self.fabric.begin_step(plan.instance_id, {})
+            self.fabric.stats.execute_seconds += time.perf_counter() - started
 
     def move_blocks(self, moves: list[Move]) -> bool:
         self.fabric.move_blocks(moves)
@@ -163,7 +166,7 @@ class RayExecutor(Executor):
         total = FabricStats()  # a lost actor takes its counts with it
         for stats in self._ray.get([a.stats.remote() for a in self.actors.values()]):
             for name in ("remote_attention_calls", "remote_attention_items", "remote_kv_writes",
-                         "bytes_sent", "blocks_moved"):
+                         "bytes_sent", "blocks_moved", "exchange_seconds", "execute_seconds"):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
         return total
 
