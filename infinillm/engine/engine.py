@@ -98,6 +98,7 @@ class ClusterEngine:
         self.num_standstills = 0
         self.streams: dict[RequestId, OutputStream] = {}
         self._ids = itertools.count()
+        self._arrivals = itertools.count()  # admission order, for "newest" decisions
         self.load_seconds = time.perf_counter() - started
         logger.info("loaded %s (%s, %d layers) in %.1f s; %d instance(s) x %d blocks of %d tokens",
                     path, arch.architecture, arch.num_layers, self.load_seconds,
@@ -140,7 +141,7 @@ class ClusterEngine:
         rid = RequestId(request_id if request_id is not None else str(next(self._ids)))
         if rid in self.streams:
             raise ValueError(f"request id {rid!r} is already in use")
-        request = Request(rid, text, token_ids, params, arrival=len(self.streams))
+        request = Request(rid, text, token_ids, params, arrival=next(self._arrivals))
         self.streams[rid] = OutputStream(request, self.tokenizer, self.max_model_len,
                                          self.eos_token_ids)
         self._route(request).scheduler.add(request)
