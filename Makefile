@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/infinillm generate "What is the capital of France?"
+	$(VENV)/bin/infinillm serve --instances 2
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -48,14 +48,16 @@ def measure(executor: str, args, prompts) -> dict:
         layers = engine.arch.num_layers
         execute = (after.execute_seconds - before.execute_seconds) / args.steps
         exchange = (after.exchange_seconds - before.exchange_seconds) / args.steps
+        transfer = (after.transfer_seconds - before.transfer_seconds) / args.steps
         if executor == "ray":  # two actors in parallel: per-actor time is half the sum
-            execute, exchange = execute / 2, exchange / 2
+            execute, exchange, transfer = execute / 2, exchange / 2, transfer / 2
         return {
             "executor": executor,
             "ms/step": round(wall * 1e3, 2),
             "compute ms": round((execute - exchange) * 1e3, 2),
             "exchange ms": round(exchange * 1e3, 2),
             "exchange us/layer": round(exchange / layers * 1e6, 1),
+            "of which waiting us/layer": round(transfer / layers * 1e6, 1),
             "control ms": round((wall - execute) * 1e3, 2),
             "remote KB/step": round((after.bytes_sent - before.bytes_sent) / args.steps / 1e3, 1),
             "blocks moved": moved,

@@ -1,8 +1,8 @@
 """Command line: `infinillm generate "prompt" [options]`, `infinillm serve [options]`.
 
 User errors (bad values, missing model) print one line and exit with status 2; no traceback.
-`serve` runs until Ctrl-C (or SIGTERM): open streams are given a few seconds, then cancelled
-(their requests abort), and the engine loop stops.
+`serve` runs until Ctrl-C (or SIGTERM): the engine loop stops first, so open streams end at once
+with an error event and [DONE], then uvicorn closes, then the instances shut down.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="at most this share of an instance's pool is lent to others")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_flash"])
     g.add_argument("--threads", type=int, default=None, help="CPU threads for compute")
+    g.add_argument("--executor", default="inproc", choices=["inproc"],
+                   help="how instances run: inproc = all in this process")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
-    g.add_argument("--executor", default="inproc", choices=["inproc"],
-                   help="how instances run: inproc = all in this process")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: loopback only)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
@@ -96,6 +97,7 @@ def _make_llm(args: argparse.Namespace):
         max_lent_fraction=args.max_lent_fraction,
         attention_backend=args.attention_backend,
         num_threads=args.threads,
+        executor=args.executor,
     )
 
 
@@ -140,8 +142,10 @@ def _serve(args: argparse.Namespace) -> int:
     from infinillm.engine import AsyncEngine
     from infinillm.server import create_app
 
-    if not 0 <= args.port < 65536:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    sock = _listen(args.host, args.port)  # before loading the model: a busy port fails fast
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"[infinillm] warning: listening on {args.host} without --api-key: anyone who "
+              "can reach this port can use the server", file=sys.stderr)
     llm = _make_llm(args)
     engine = llm.engine
     name = args.served_model_name or served_model_name(args.model)
@@ -165,27 +169,43 @@ def _serve(args: argparse.Namespace) -> int:
                f"blocks of {engine.config.cache.block_size} tokens, lending "
                f"{'on' if engine.lending else 'off'}; loaded in {engine.load_seconds:.1f} s")
     try:
-        asyncio.run(_run_server(server, summary, name, args.api_key))
+        asyncio.run(_run_server(server, sock, summary, name, args.api_key))
     finally:
+        sock.close()
         async_engine.shutdown()
+        llm.shutdown()
         print("[infinillm] server stopped", file=sys.stderr)
     return 0 if server.started else 1
 
 
-async def _run_server(server, summary: str, name: str, api_key: str | None) -> None:
-    """Run uvicorn; once it listens, print the URL and a curl example."""
-    task = asyncio.create_task(server.serve())
+def _listen(host: str, port: int) -> socket.socket:
+    if not 0 <= port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+async def _run_server(server, sock: socket.socket, summary: str, name: str,
+                      api_key: str | None) -> None:
+    """Run uvicorn on `sock`; once it listens, print the URL and a curl example."""
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        host, port = sock.getsockname()[:2]
         print(_banner(f"http://{f'[{host}]' if ':' in host else host}:{port}", summary, name,
                       api_key), flush=True)
     await task
 
 
 def _banner(url: str, summary: str, name: str, api_key: str | None) -> str:
-    body = json.dumps({"model": name, "max_tokens": 32, "messages": [
+    body = json.dumps({"model": name, "max_tokens": 32, "temperature": 0, "messages": [
         {"role": "user", "content": "What is the capital of France?"}]})
     auth = ' -H "Authorization: Bearer $INFINILLM_API_KEY"' if api_key else ""
     return (f"[infinillm] {summary}\n"

@@ -19,7 +19,7 @@ InstanceId = NewType("InstanceId", int)
 class SamplingParams:
     """How to pick tokens and when to stop; the names and defaults follow vLLM.
 
-    temperature 0 means greedy. top_k <= 0 disables top-k; top_p 1.0 disables top-p.
+    temperature 0 (or below 1e-5) means greedy. top_k <= 0 disables top-k; top_p 1.0 disables top-p.
     """
 
     max_tokens: int = 16
@@ -58,7 +58,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflow float32: treat it as greedy (as vLLM does).
+        return self.temperature < 1e-5
 
 
 class RequestStatus(enum.Enum):

@@ -2,22 +2,27 @@
 
 The engine loop (schedule -> run -> update) runs in its own thread, apart from the HTTP event
 loop, so that every concurrent stream joins one continuous batch and slow clients never stall
-the batch. Callers on the event loop add requests and iterate their outputs:
+the batch. The event loop never waits for a step: new requests and aborts are validated on the
+caller's thread, then queued as commands that the engine thread applies between steps; the
+cluster's stats are published by the engine thread after each step.
 
-    async for out in async_engine.generate(prompt, params):
-        ...                       # cumulative RequestOutput; out.finished on the last one
+    rid, queue = async_engine.add_request(prompt, params)   # ValueError: nothing queued
+    async for out in async_engine.stream(rid, queue):        # cumulative RequestOutputs
+        ...
 
-Bad input raises ValueError from `generate` before anything is queued. If the consumer stops
-iterating (a client disconnects, the task is cancelled), the request is aborted and its blocks,
-local and lent, are freed before the next step.
+If the consumer stops iterating (a client disconnects, the task is cancelled), the request is
+aborted and its blocks, local and lent, are freed before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 
 from infinillm.engine.engine import ClusterEngine
 from infinillm.types import RequestId, RequestOutput, SamplingParams
@@ -26,17 +31,19 @@ logger = logging.getLogger("infinillm")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an internal error; the server should report 500/503."""
+    """The engine loop stopped (shut down, or an internal error); servers answer 503."""
 
 
 class AsyncEngine:
     def __init__(self, engine: ClusterEngine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()  # guards every call into `engine`
+        self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._queues: dict[RequestId, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._stats: dict = engine.cluster_stats()
         self.error: BaseException | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -61,15 +68,14 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stop:
-                with self._lock:
-                    busy = self.engine.has_unfinished_requests()
-                    outputs = self.engine.step() if busy else []
-                if not busy:
+                self._run_commands()
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out)
+                    self._stats = self.engine.cluster_stats()
+                else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
-                    continue
-                for out in outputs:
-                    self._deliver(out)
         except BaseException as e:  # an engine bug: report it to every waiting client
             logger.exception("engine loop failed")
             self.error = e
@@ -77,13 +83,27 @@ class AsyncEngine:
             return
         self._fail_all(EngineDeadError("the engine was shut down"))
 
-    def _deliver(self, item: RequestOutput) -> None:
-        target = self._queues.get(item.request_id)
+    def _run_commands(self) -> None:
+        ran = False
+        while self._commands:
+            self._commands.popleft()()
+            ran = True
+        if ran:
+            self._stats = self.engine.cluster_stats()
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        target = self._queues.get(out.request_id)
         if target is None:
             return
+        if out.finished:
+            del self._queues[out.request_id]
         loop, queue = target
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put_nowait, out)
         except RuntimeError:  # the event loop is closed: nobody is listening
             pass
 
@@ -93,21 +113,23 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, error)
             except RuntimeError:
                 pass
+        self._queues.clear()
 
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
                     request_id: str | None = None) -> tuple[RequestId, asyncio.Queue]:
-        """Queue a request; ValueError for bad input (nothing queued)."""
+        """Validate and queue a request (call from the event loop). ValueError for bad input
+        and EngineDeadError when the loop is not running; nothing is queued then."""
         if not self.healthy:
             raise EngineDeadError("the engine is not running")
-        loop = asyncio.get_running_loop()
+        prepared = self.engine.prepare(prompt, params)  # reads config only: thread-safe
+        rid = RequestId(request_id if request_id is not None else f"req-{next(self._ids)}")
+        if rid in self._queues:
+            raise ValueError(f"request id {rid!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            prepared = self.engine.prepare(prompt, params)
-            rid = self.engine.add_prepared(prepared, request_id)
-            self._queues[rid] = (loop, queue)
-        self._wake.set()
+        self._queues[rid] = (asyncio.get_running_loop(), queue)
+        self._submit(lambda: self.engine.add_prepared(prepared, rid))
         return rid, queue
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
@@ -129,20 +151,35 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._queues.pop(rid, None)
             if not finished:
                 self.abort(rid)
 
     def abort(self, request_id: RequestId) -> None:
-        with self._lock:
-            self.engine.abort_request(request_id)
+        """Abort a request before the next step; returns at once."""
+        self._queues.pop(request_id, None)
+        self._submit(lambda: self.engine.abort_request(request_id))
 
     # ---- inspection -----------------------------------------------------------------------
 
     def cluster_stats(self) -> dict:
-        with self._lock:
-            return self.engine.cluster_stats()
+        """The stats as of the last step or command (never waits for a step)."""
+        return self._stats
+
+    def call(self, fn: Callable[[ClusterEngine], object], timeout: float = 60.0):
+        """Run `fn(engine)` on the engine thread between steps and return its result (for
+        tests and tools; blocks the caller)."""
+        if not self.healthy:
+            return fn(self.engine)
+        done: Future = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn(self.engine))
+            except BaseException as e:
+                done.set_exception(e)
+
+        self._submit(run)
+        return done.result(timeout)
 
     def check_integrity(self) -> None:
-        with self._lock:
-            self.engine.check_integrity()
+        self.call(lambda engine: engine.check_integrity())

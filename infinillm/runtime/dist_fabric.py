@@ -65,8 +65,10 @@ class DistFabric(Fabric):
         ops = [dist.P2POp(dist.isend, t, self.ranks[peer]) for t, peer in sends]
         ops += [dist.P2POp(dist.irecv, t, self.ranks[peer]) for t, peer in recvs]
         if ops:
+            started = time.perf_counter()
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
+            self.stats.transfer_seconds += time.perf_counter() - started
 
     def exchange(self, me, layer, outgoing, q, k, v, scale):
         started = time.perf_counter()

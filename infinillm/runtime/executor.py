@@ -7,6 +7,7 @@ moves (recall, migration) go the same way. An executor that loses an instance ra
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ class InProcExecutor(Executor):
         self.fabric.move_blocks(moves)
 
     def fabric_stats(self) -> FabricStats:
-        return self.fabric.stats
+        return dataclasses.replace(self.fabric.stats,
+                                   per_pair_calls=dict(self.fabric.stats.per_pair_calls))
 
 
 def make_executor(config, spec: InstanceSpec, instance_ids: list[InstanceId]) -> Executor:

@@ -36,6 +36,7 @@ class FabricStats:
     bytes_sent: int = 0
     blocks_moved: int = 0
     exchange_seconds: float = 0.0  # wall time inside `exchange`, holder work included
+    transfer_seconds: float = 0.0  # of which: waiting for peers and moving bytes
     execute_seconds: float = 0.0  # wall time of the worker's steps (set by the executor)
     per_pair_calls: dict[tuple[InstanceId, InstanceId], int] = field(default_factory=dict)
 

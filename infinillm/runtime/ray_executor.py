@@ -166,7 +166,8 @@ class RayExecutor(Executor):
         total = FabricStats()  # a lost actor takes its counts with it
         for stats in self._ray.get([a.stats.remote() for a in self.actors.values()]):
             for name in ("remote_attention_calls", "remote_attention_items", "remote_kv_writes",
-                         "bytes_sent", "blocks_moved", "exchange_seconds", "execute_seconds"):
+                         "bytes_sent", "blocks_moved", "exchange_seconds", "execute_seconds",
+                         "transfer_seconds"):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
         return total
 

@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from infinillm.engine import AsyncEngine, EngineDeadError
 from infinillm.server import protocol as P
@@ -116,7 +117,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return render(P.APIError(500, f"internal error: {exc!r}"))
+        return render(P.APIError(500, f"internal error ({type(exc).__name__}); see the "
+                                 "server's log"))
 
 
 class OpenAIServer:
@@ -236,26 +238,27 @@ class OpenAIServer:
         return req
 
     async def _encode(self, prompt: str | list[int] | list[dict], param: str) -> list[int]:
-        """Token ids of a text prompt, a chat (messages), or ids as they are; tokenization runs
-        in a worker thread. Ids are range-checked by the engine."""
+        """Token ids of a text prompt, a chat (messages), or ids as they are. Templates and
+        tokenization run in a worker thread; ids are range-checked by the engine."""
         if isinstance(prompt, list) and (not prompt or not isinstance(prompt[0], dict)):
             return prompt
         if self.tokenizer is None:
             raise P.APIError(400, f"model {self.model_name!r} has no tokenizer; send token ids",
                              param=param)
+        return await asyncio.to_thread(self._tokenize, prompt, param)
+
+    def _tokenize(self, prompt: str | list[dict], param: str) -> list[int]:
         tok = self.tokenizer
-        if isinstance(prompt, list):
+        add_special = isinstance(prompt, str)  # a chat template places the special tokens
+        if not add_special:
             try:
                 prompt = tok.apply_chat_template(prompt)
             except ValueError as e:
                 raise P.APIError(400, str(e), param=param) from None
-            add_special = False  # the template has placed the special tokens
-        else:
-            add_special = True
         if len(prompt) > self.max_model_len * self._max_token_chars:
             raise P.APIError(400, f"prompt has {len(prompt)} characters, more than the model's "
                              f"context of {self.max_model_len} tokens can hold", param=param)
-        return await asyncio.to_thread(tok.encode, prompt, add_special)
+        return tok.encode(prompt, add_special_tokens=add_special)
 
     def _params(self, req: P.SamplingRequest, ids: list[int], max_tokens: int,
                 index: int) -> SamplingParams:
@@ -294,8 +297,10 @@ class OpenAIServer:
         """(choice index, cumulative output) of all choices as they come; records TTFT and
         TPOT. Leaving early (close, cancel, error) aborts every unfinished choice."""
         merged: asyncio.Queue = asyncio.Queue()
+        started: set[int] = set()  # their AsyncEngine.stream aborts them when cancelled
 
         async def pump(i: int, rid: str, queue: asyncio.Queue) -> None:
+            started.add(i)
             try:
                 async for out in self.engine.stream(rid, queue):
                     merged.put_nowait((i, out))
@@ -318,7 +323,7 @@ class OpenAIServer:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._abort([s for i, s in enumerate(sub) if i not in done])
+            self._abort([s for i, s in enumerate(sub) if i not in done and i not in started])
 
     def _record(self, i: int, out: RequestOutput, arrival: float,
                 first: dict[int, float]) -> None:
@@ -347,22 +352,29 @@ class EventStream(StreamingResponse):
 
     Starlette listens for `http.disconnect` only under ASGI spec < 2.4 and otherwise relies on
     `send` raising OSError, which happens only when the next event is sent (not while a request
-    waits for its first token). This class always races the stream against the disconnect,
-    and closes the body iterator however it ends (its finally blocks abort the requests);
-    `on_close` covers a body iterator that never started.
+    waits for its first token). This class always races the stream against the disconnect and
+    closes the event generator however the response ends (its finally blocks abort the
+    requests); `on_close` aborts them when the generator never started.
     """
 
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+        super().__init__(self._tracked(content),
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.on_close = on_close
-        self.started = False
-        self._content = content
+        self.content_started = False
+
+    async def _tracked(self, content: AsyncIterator[str]) -> AsyncIterator[str]:
+        self.content_started = True
+        try:
+            async for event in content:
+                yield event
+        finally:
+            await content.aclose()
 
     async def __call__(self, scope, receive, send) -> None:
-        sender = asyncio.ensure_future(self._send_all(send))
+        sender = asyncio.ensure_future(self.stream_response(send))
         listener = asyncio.ensure_future(self.listen_for_disconnect(receive))
         try:
             await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
@@ -370,16 +382,12 @@ class EventStream(StreamingResponse):
             for task in (sender, listener):
                 task.cancel()
             await asyncio.gather(sender, listener, return_exceptions=True)
-            await self._content.aclose()
-            if not self.started:
+            await self.body_iterator.aclose()
+            if not self.content_started:
                 self.on_close()
-
-    async def _send_all(self, send) -> None:
-        self.started = True
-        try:
-            await self.stream_response(send)
-        except OSError:  # the client is gone (ASGI spec 2.4 servers)
-            pass
+        error = None if sender.cancelled() else sender.exception()
+        if error is not None and not isinstance(error, OSError):  # OSError: the client left
+            raise error
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -388,12 +396,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise P.APIError(413, f"request body of {declared} bytes is over the limit of {limit}",
                          code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise P.APIError(413, f"request body is over the limit of {limit} bytes",
-                             code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise P.APIError(413, f"request body is over the limit of {limit} bytes",
+                                 code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise P.APIError(499, "the client closed the request", code="client_closed") from None
     return b"".join(chunks)
 
 
