@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +41,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="at most this share of an instance's pool is lent to others")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_flash"])
     g.add_argument("--threads", type=int, default=None, help="CPU threads for compute")
-    g.add_argument("--executor", default="inproc", choices=["inproc"],
-                   help="how instances run: inproc = all in this process")
+    g.add_argument("--executor", default="inproc", choices=["inproc", "ray"],
+                   help="how instances run: inproc = all in this process; ray = one Ray actor "
+                        "each (see docs/distributed.md)")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (e.g. auto, HOST:6379); default: the one started "
+                        "on this machine with `ray start`, else a new local one")
+    g.add_argument("--cpus-per-instance", type=float, default=1.0,
+                   help="CPUs each Ray actor asks for")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -98,6 +106,8 @@ def _make_llm(args: argparse.Namespace):
         attention_backend=args.attention_backend,
         num_threads=args.threads,
         executor=args.executor,
+        ray_address=args.ray_address,
+        cpus_per_instance=args.cpus_per_instance,
     )
 
 
@@ -109,16 +119,17 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     started = time.perf_counter()
-    llm = _make_llm(args)
-    print(f"[infinillm] model loaded in {llm.engine.load_seconds:.1f} s", file=sys.stderr)
-    tokenizer = llm.get_tokenizer()
-    use_chat = not args.raw and tokenizer is not None and tokenizer.has_chat_template
-    t0 = time.perf_counter()
-    if use_chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
-    else:
-        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
-    seconds = time.perf_counter() - t0
+    with _make_llm(args) as llm:  # shuts Ray actors down on every exit, Ctrl-C included
+        print(f"[infinillm] model loaded in {llm.engine.load_seconds:.1f} s", file=sys.stderr)
+        tokenizer = llm.get_tokenizer()
+        use_chat = not args.raw and tokenizer is not None and tokenizer.has_chat_template
+        t0 = time.perf_counter()
+        if use_chat:
+            messages = [{"role": "user", "content": args.prompt}]
+            out = llm.chat(messages, params, use_tqdm=False)[0]
+        else:
+            out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+        seconds = time.perf_counter() - t0
     completion = out.outputs[0]
     print(completion.text)
     n = len(completion.token_ids)
@@ -214,10 +225,19 @@ def _banner(url: str, summary: str, name: str, api_key: str | None) -> str:
             f"    -d {shlex.quote(body)}")
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: engines and Ray actors shut down
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="[%(name)s] %(message)s")
+    # A shell that starts us in the background ignores SIGINT for us; a service manager stops
+    # us with SIGTERM. Either way, shut down cleanly. (uvicorn installs its own while serving.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "generate":
             return _generate(args)
