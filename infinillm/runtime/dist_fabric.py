@@ -100,6 +100,7 @@ class DistFabric(Fabric):
                 outs = torch.cat([o.reshape(-1) for o, _ in partials]).to(self.dtype)
                 lses = torch.cat([lse.reshape(-1) for _, lse in partials]).float()
                 replies += [(outs, owner), (lses, owner)]
+                self.stats.bytes_sent += nbytes(outs, lses)
         waiting = {}
         for holder, work in outgoing.items():
             if work.items:
