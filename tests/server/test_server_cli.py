@@ -23,8 +23,10 @@ def test_serve_flags_and_defaults():
     args = build_parser().parse_args(["serve", "--instances", "2", "--kv-blocks", "64",
                                       "--api-key", "k", "--port", "0", "--block-size", "8"])
     assert (args.instances, args.kv_blocks, args.api_key, args.block_size) == (2, 64, "k", 8)
+    args = build_parser().parse_args(["serve", "--executor", "ray", "--ray-address", "auto"])
+    assert (args.executor, args.ray_address) == ("ray", "auto")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--executor", "ray"])  # not yet
+        build_parser().parse_args(["serve", "--executor", "mpi"])
     assert build_parser().parse_args(["generate", "hi"]).command == "generate"
 
 
