@@ -7,7 +7,7 @@ The paper's baseline "vLLM-multi" is the same instances with no pooling: every r
 stays on the instance that runs it (`lending=False`). Both systems get the same seeded
 workload, submitted at once (offline), greedy, ignore_eos, each request its own number of new
 tokens in [--min-new, --max-new], and are run one after the other in this process (never at
-the same time), after one warm-up generate each.
+the same time), each run on a fresh engine after a warm-up generate.
 
 Two variants of the workload (`pool` = one instance's KV pool in tokens):
 - `over`: the long prompts are --long-frac (default 0.8-1.5) x pool, so some exceed any single
@@ -21,6 +21,7 @@ Two variants of the workload (`pool` = one instance's KV pool in tokens):
 Per system and variant: time in `engine.step()` (the engine's own time; the stats gathered
 between steps are not counted), generated tokens/s, requests completed / cut short / refused,
 preemptions, the most blocks on loan at once, remote attention traffic, steps, how many
+requests the router queued on each instance at submission ("routed"), how many
 instances had running requests per step ("busy inst"), how many had requests waiting while
 their own blocks were on loan to others ("lend+wait inst"), and (where the in-process executor
 exposes its workers) a parallel estimate: the sum over steps of the slowest instance's execute
@@ -36,6 +37,7 @@ lending / multi, and last one JSON line.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import time
@@ -43,6 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
+
+COUNTERS = ("preemptions", "standstills", "migrations", "remote_attention_calls", "remote_bytes")
 
 
 def make_workload(args, variant: str, vocab: int, seed: int) -> list[tuple[list[int], int]]:
@@ -90,6 +94,7 @@ class StepTimer:
 def run(llm, workload, sampling_cls) -> dict:
     """Submit everything, step to the end; what was served, refused, and what it cost."""
     engine = llm.engine
+    before = llm.cluster_stats()  # counters are cumulative: count this run's only
     ids, refused = {}, 0
     for index, (prompt, new) in enumerate(workload):
         params = sampling_cls(max_tokens=new, temperature=0.0, ignore_eos=True)
@@ -97,6 +102,7 @@ def run(llm, workload, sampling_cls) -> dict:
             ids[engine.add_request(prompt, params)] = index
         except ValueError:
             refused += 1
+    queued = [i["waiting"] for i in llm.cluster_stats()["instances"]]
     timer = StepTimer(engine)
     outputs: dict[int, list[int]] = {}
     step_s = parallel_s = 0.0
@@ -119,6 +125,8 @@ def run(llm, workload, sampling_cls) -> dict:
     stats = llm.cluster_stats()
     if any(i["free_blocks"] != i["total_blocks"] for i in stats["instances"]):
         raise RuntimeError(f"pools not full at the end: {stats['instances']}")
+    for key in COUNTERS:
+        stats[key] -= before[key]
     completed = sum(len(outputs[i]) == workload[i][1] for i in outputs)
     generated = sum(len(t) for t in outputs.values())
     served_prompt = sum(len(workload[i][0]) for i in outputs)
@@ -130,7 +138,7 @@ def run(llm, workload, sampling_cls) -> dict:
             "max_borrowed_blocks": max_borrowed, "migrations": stats["migrations"],
             "remote_attention_calls": stats["remote_attention_calls"],
             "remote_bytes": stats["remote_bytes"], "steps": steps,
-            "mean_busy_instances": busy_sum / max(steps, 1),
+            "queued_per_instance": queued, "mean_busy_instances": busy_sum / max(steps, 1),
             "mean_lending_while_waiting": starved_sum / max(steps, 1), "outputs": outputs}
 
 
@@ -152,6 +160,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--variants", default="over,fair")
+    ap.add_argument("--warmup", choices=["even", "uneven"], default="even",
+                    help="uneven: warm-up prompts of different lengths (exposes stale routing)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed runs per system and variant, order alternating; best kept")
     ap.add_argument("--seed", type=int, default=0)
@@ -162,18 +172,27 @@ def main() -> None:
 
     from infinillm import LLM, SamplingParams
 
-    systems = {}
-    for name, lending in (("lending", True), ("multi", False)):
-        systems[name] = LLM(args.model, block_size=args.block_size,
-                            kv_blocks_per_instance=args.blocks, num_instances=args.instances,
-                            lending=lending, max_num_seqs=args.max_num_seqs,
-                            max_num_batched_tokens=args.max_num_batched_tokens)
-    vocab = systems["lending"].engine.arch.vocab_size
-    warm = seeded_prompts(vocab, 2 * args.instances, 32, 64, seed=args.seed + 1)
-    for llm in systems.values():
+    def make_llm(lending: bool):
+        """A fresh engine per run, warmed up, so that every run starts from the same state."""
+        llm = LLM(args.model, block_size=args.block_size, kv_blocks_per_instance=args.blocks,
+                  num_instances=args.instances, lending=lending, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens)
+        # `even`: same-length prompts, two per instance, so every instance ends the warm-up in
+        # the same state; `uneven`: lengths differ, which leaves the lending router's free-block
+        # view uneven (it is refreshed at the next step), see --warmup.
+        lo, hi = (48, 48) if args.warmup == "even" else (32, 96)
+        warm = seeded_prompts(llm.engine.arch.vocab_size, 2 * args.instances, lo, hi,
+                              seed=args.seed + 1)
         llm.generate(warm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
                      use_tqdm=False)
+        return llm
 
+    systems = {"lending": True, "multi": False}
+    from infinillm.model import load_arch
+    from infinillm.model.resolve import resolve_model_path
+
+    model_path = resolve_model_path(args.model)
+    vocab = load_arch(model_path).vocab_size
     results, rows, ratio_rows = [], [], []
     for v, variant in enumerate(variants):
         workload = make_workload(args, variant, vocab, args.seed)
@@ -181,7 +200,10 @@ def main() -> None:
         for rep in range(args.repeats):
             names = list(systems) if (v + rep) % 2 == 0 else list(systems)[::-1]
             for name in names:
-                r = run(systems[name], workload, SamplingParams)
+                llm = make_llm(systems[name])
+                r = run(llm, workload, SamplingParams)
+                del llm
+                gc.collect()
                 res[name] = _keep_best(res.get(name), r)
         both = set(res["lending"]["outputs"]) & set(res["multi"]["outputs"])
         same = sum(res["lending"]["outputs"][i] == res["multi"]["outputs"][i] for i in both)
@@ -210,12 +232,13 @@ def main() -> None:
     print()
     print_table(ratio_rows)
     emit_json({"bench": "mixed_workload", "machine": machine_info(),
-               "model": str(systems["lending"].engine.model_path), "instances": args.instances,
+               "model": str(model_path), "instances": args.instances,
                "blocks_per_instance": args.blocks, "block_size": args.block_size,
                "pool_tokens": args.blocks * args.block_size, "num_long": args.num_long,
                "num_short": args.num_short, "long_frac": args.long_frac,
                "fair_long_frac": args.fair_long_frac, "short_len": [args.short_min, args.short_max],
-               "new_tokens": [args.min_new, args.max_new], "seed": args.seed, "results": results})
+               "new_tokens": [args.min_new, args.max_new], "seed": args.seed,
+               "warmup": args.warmup, "results": results})
 
 
 def _keep_best(best: dict | None, r: dict) -> dict:
@@ -242,7 +265,8 @@ def _row(r: dict) -> dict:
             "refused": r["refused"], "preempt": r["preemptions"],
             "max borrowed": r["max_borrowed_blocks"],
             "remote MB": round(r["remote_bytes"] / 1e6, 1),
-            "steps": r["steps"], "busy inst": round(r["mean_busy_instances"], 2),
+            "steps": r["steps"], "routed": "/".join(map(str, r["queued_per_instance"])),
+            "busy inst": round(r["mean_busy_instances"], 2),
             "lend+wait inst": round(r["mean_lending_while_waiting"], 2)}
 
 

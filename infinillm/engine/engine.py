@@ -200,7 +200,8 @@ class ClusterEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One schedule -> run -> update round; returns the requests that made progress."""
+        """One recall -> schedule -> run -> update round; returns the requests that made
+        progress."""
         if self.lending:
             self.gmanager.heartbeat_all()
             self._recall()
@@ -211,7 +212,7 @@ class ClusterEngine:
             sampled = self.executor.execute(plans)
         except InstanceLost as lost:
             logger.warning("%s; recomputing its requests on the others", lost)
-            self._lose_instances(lost.instances, plans)
+            self._lose_instances(lost.instances)
             return []
         return self._update(plans, sampled)
 
@@ -229,7 +230,7 @@ class ClusterEngine:
             inst.scheduler.out_of_blocks.clear()
         return outputs
 
-    def _lose_instances(self, dead: list[InstanceId], plans) -> None:
+    def _lose_instances(self, dead: list[InstanceId]) -> None:
         """Drop lost instances; every request they owned or held blocks for is recomputed on
         the survivors from its prompt and the tokens it already has. Nothing of the failed
         step was applied, so no request loses a token."""
