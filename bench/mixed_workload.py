@@ -20,18 +20,19 @@ Two variants of the workload (`pool` = one instance's KV pool in tokens):
 
 Per system and variant: time in `engine.step()` (the engine's own time; the stats gathered
 between steps are not counted), generated tokens/s, requests completed / cut short / refused,
-preemptions, the most blocks on loan at once, remote attention traffic, steps, how many
-requests the router queued on each instance at submission ("routed"), how many
-instances had running requests per step ("busy inst"), how many had requests waiting while
-their own blocks were on loan to others ("lend+wait inst"), and (where the in-process executor
-exposes its workers) a parallel estimate: the sum over steps of the slowest instance's execute
-time, which is what N devices running the synchronous cluster step side by side would take
-(transfers not counted; a holder's micro-attention counts on its owner, where in-process it runs).
-On this machine the instances of a step run one after another, so measured time is the sum of
-all instances' work, not the slowest one's. Greedy tokens of requests served by both systems
-are compared (exactness). The engine's schedule does not depend on timing, so `--repeats`
-runs (order alternating) must schedule alike; the fastest is kept. Prints a table, the ratios
-lending / multi, and last one JSON line.
+preemptions, the most blocks on loan at once, remote attention traffic, steps, the requests
+the router queued on each instance at submission ("routed"), the mean number of instances with
+running requests per step ("busy inst") and of instances with requests waiting while their own
+blocks are on loan to others ("lend+wait inst"). Where the in-process executor exposes its
+workers, also: the tokens the workers ran beyond each served prompt and output once
+("recomputed tok", the cost of preemption), and a parallel estimate: the sum over steps of the
+slowest instance's execute time, which is what N devices running the synchronous cluster step
+side by side would take (transfers not counted; a holder's micro-attention counts on its owner,
+where it runs in process). On this machine the instances of a step run one after another, so
+measured time is the sum of all instances' work, not the slowest one's. Greedy tokens of
+requests served by both systems are compared (exactness). The engine's schedule does not
+depend on timing, so `--repeats` runs (order alternating) must schedule alike; the fastest is
+kept. Prints a table, the ratios lending / multi, and last one JSON line.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class StepTimer:
 
     def __init__(self, engine) -> None:
         self.current: dict[int, float] = {}
+        self.computed_tokens = 0  # every token the workers ran: prefill, decode and recompute
         workers = getattr(getattr(engine, "executor", None), "workers", None)
         self.available = isinstance(workers, dict)
         if self.available:
@@ -78,6 +80,7 @@ class StepTimer:
 
     def _wrap(self, iid, fn):
         def timed(plan):
+            self.computed_tokens += sum(len(c.token_ids) for c in plan.chunks)
             t0 = time.perf_counter()
             try:
                 return fn(plan)
@@ -130,7 +133,12 @@ def run(llm, workload, sampling_cls) -> dict:
     completed = sum(len(outputs[i]) == workload[i][1] for i in outputs)
     generated = sum(len(t) for t in outputs.values())
     served_prompt = sum(len(workload[i][0]) for i in outputs)
+    # tokens run beyond each served prompt and its output once: recompute after preemption
+    # (a request's last sampled token is never fed back, hence the - len(outputs))
+    useful = served_prompt + generated - len(outputs)
     return {"seconds": step_s, "parallel_estimate_s": parallel_s if timer.available else None,
+            "computed_tokens": timer.computed_tokens if timer.available else None,
+            "recomputed_tokens": timer.computed_tokens - useful if timer.available else None,
             "generated_tokens": generated, "tokens_per_s": generated / step_s,
             "served_prompt_tokens": served_prompt, "submitted": len(workload),
             "completed": completed, "cut_short": len(outputs) - completed, "refused": refused,
@@ -263,6 +271,7 @@ def _row(r: dict) -> dict:
             "tok/s": round(r["tokens_per_s"], 1), "gen tok": r["generated_tokens"],
             "completed": f"{r['completed']}/{r['submitted']}", "cut": r["cut_short"],
             "refused": r["refused"], "preempt": r["preemptions"],
+            "recomputed tok": r["recomputed_tokens"] if r["recomputed_tokens"] is not None else "",
             "max borrowed": r["max_borrowed_blocks"],
             "remote MB": round(r["remote_bytes"] / 1e6, 1),
             "steps": r["steps"], "routed": "/".join(map(str, r["queued_per_instance"])),

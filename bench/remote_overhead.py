@@ -21,9 +21,11 @@ then the fraction is placed again on the current length and `--steps` (< block_s
 steps are timed one by one (`engine.step()`, one request, greedy, ignore_eos): no timed step
 opens a block, so the placement is exactly on target while timed. The order of the
 configurations alternates forward and backward between rounds (ABC CBA ...) so that drift of the
-machine cancels, and every request has the same context length in each round. Reports the median
-ms per step, its ratio to `local`, remote micro-attention calls, K/V writes and bytes per step,
-and whether the greedy tokens of every configuration equal those of `local` (exactness).
+machine cancels, and every request has the same context length in each round. Reports the
+median ms per step, its ratio to `local`, the paired ratio (median over rounds of the segment's
+median over the `local` segment's median in the same round: robust to load that comes and
+goes), remote micro-attention calls, K/V writes and bytes per step, and whether the greedy
+tokens of every configuration equal those of `local` (exactness).
 Target: at most 1.25x at 50 %. Prints a table and, last, one JSON line.
 """
 
@@ -41,7 +43,7 @@ from common import emit_json, machine_info, print_table, seeded_prompts  # noqa:
 WARMUP_STEPS = 4
 
 
-class Config:
+class Setup:
     """One engine, its single request, and what was measured on it."""
 
     def __init__(self, name: str, llm, fraction: float | None) -> None:
@@ -49,6 +51,7 @@ class Config:
         self.rid = None
         self.prompt_len = 0
         self.step_ms: list[float] = []
+        self.segment_medians: list[float] = []
         self.remote_fractions: list[float] = []
         self.calls = self.bytes = self.writes = self.steps = 0
         self.last = None
@@ -66,9 +69,7 @@ class Config:
         """Put `fraction` of the request's logical blocks on instance 1, the rest on 0."""
         if self.fraction is None:
             return
-        entries = self.table().entries
-        self._move({i for i in range(len(entries))
-                    if i in chosen_blocks(len(entries), self.fraction, placement)})
+        self._move(chosen_blocks(len(self.table().entries), self.fraction, placement))
 
     def home(self) -> None:
         """Bring every block to instance 0."""
@@ -110,6 +111,7 @@ class Config:
             t0 = time.perf_counter()
             self.step()
             self.step_ms.append((time.perf_counter() - t0) * 1e3)
+        self.segment_medians.append(statistics.median(self.step_ms[-steps:]))
         calls_after, nbytes_after, writes_after = self.traffic()
         self.calls += calls_after - calls
         self.bytes += nbytes_after - nbytes
@@ -129,19 +131,19 @@ def chosen_blocks(num_blocks: int, fraction: float, placement: str) -> set[int]:
     return set(range(k)) if placement == "prefix" else set(range(num_blocks - k, num_blocks))
 
 
-def build(args, prompt: list[int], max_tokens: int) -> list[Config]:
+def build(args, prompt: list[int], max_tokens: int) -> list[Setup]:
     from infinillm import LLM, SamplingParams
 
     common_kw = dict(block_size=args.block_size, kv_blocks_per_instance=args.blocks,
                      max_num_batched_tokens=args.max_num_batched_tokens)
-    configs = [Config("local", LLM(args.model, num_instances=1, lending=False, **common_kw),
+    configs = [Setup("local", LLM(args.model, num_instances=1, lending=False, **common_kw),
                       None)]
     for f in args.fractions:
         llm = LLM(args.model, num_instances=2, lending=True, max_lent_fraction=1.0, **common_kw)
         # plan_recall brings blocks home only while the owner keeps recall_headroom blocks free:
         # above the pool, it never does. (Swaps need debts both ways; instance 1 owns nothing.)
         llm.engine.gmanager.recall_headroom = args.blocks + 1
-        configs.append(Config(f"{round(f * 100)}% remote", llm, f))
+        configs.append(Setup(f"{round(f * 100)}% remote", llm, f))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for c in configs:
         c.rid = c.engine.add_request(prompt, params)
@@ -206,9 +208,13 @@ def main() -> None:
         med = statistics.median(c.step_ms)
         frac = statistics.mean(c.remote_fractions) if c.remote_fractions else 0.0
         tokens = list(c.last.outputs[0].token_ids)
+        # paired: this round's segment against the local segment of the same round
+        paired = statistics.median(a / b for a, b in zip(c.segment_medians,
+                                                         local.segment_medians))
         res = {"config": c.name, "target_fraction": c.fraction, "remote_fraction": frac,
                "median_ms": med, "p10_ms": _quantile(c.step_ms, 0.1),
-               "p90_ms": _quantile(c.step_ms, 0.9), "ratio": med / base, "steps": c.steps,
+               "p90_ms": _quantile(c.step_ms, 0.9), "ratio": med / base,
+               "paired_ratio": paired, "steps": c.steps,
                "remote_calls_per_step": c.calls / c.steps,
                "remote_kv_writes_per_step": c.writes / c.steps,
                "remote_bytes_per_step": c.bytes / c.steps,
@@ -218,6 +224,7 @@ def main() -> None:
         rows.append({"config": c.name, "remote blk %": round(100 * frac, 1),
                      "median ms": round(med, 2), "p10": round(res["p10_ms"], 2),
                      "p90": round(res["p90_ms"], 2), "ratio": round(med / base, 3),
+                     "paired ratio": round(paired, 3),
                      "remote calls/step": round(res["remote_calls_per_step"], 1),
                      "remote KB/step": round(res["remote_bytes_per_step"] / 1e3, 1),
                      "KV held remote MB": round(res["remote_kv_bytes"] / 1e6, 1),

@@ -12,6 +12,7 @@ which is causal; the two partials (and the runs of the prefix) are merged exactl
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,8 +33,14 @@ def slot_runs(block_ids: Sequence[int], block_size: int, lo: int, hi: int) -> li
     """Maximal contiguous ranges of flat cache slots holding positions [lo, hi).
 
     Returns (first_slot, num_slots) pairs in position order; a flat slot is
-    block_id * block_size + offset.
+    block_id * block_size + offset. Memoized: every layer of a step asks the same question.
     """
+    return list(_slot_runs(tuple(block_ids), block_size, lo, hi))
+
+
+@functools.lru_cache(maxsize=4096)
+def _slot_runs(block_ids: tuple[int, ...], block_size: int, lo: int,
+               hi: int) -> tuple[tuple[int, int], ...]:
     runs: list[tuple[int, int]] = []
     pos = lo
     while pos < hi:
@@ -45,7 +52,7 @@ def slot_runs(block_ids: Sequence[int], block_size: int, lo: int, hi: int) -> li
         else:
             runs.append((slot, take))
         pos += take
-    return runs
+    return tuple(runs)
 
 
 def _flat(cache: torch.Tensor) -> torch.Tensor:

@@ -53,11 +53,9 @@ class GManager:
     def free_view(self, instance: InstanceId) -> int:
         return self._free[instance]
 
-    # ---- routing --------------------------------------------------------------------------
-
-    def least_loaded(self, candidates: list[InstanceId], load: dict[InstanceId, int]) -> InstanceId:
-        """The instance with the most free blocks in the ledger; ties: the lightest `load`."""
-        return max(candidates, key=lambda i: (self._free[i], -load.get(i, 0), -i))
+    def lendable_elsewhere(self, instance: InstanceId) -> int:
+        """What the other instances may lend, by the current view."""
+        return sum(n for i, n in self._lendable.items() if i != instance)
 
     # ---- borrowing ------------------------------------------------------------------------
 

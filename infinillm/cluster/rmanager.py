@@ -27,6 +27,8 @@ class RManager:
         self.max_lent_blocks = max_lent_blocks
         self.tables: dict[RequestId, BlockTable] = {}
         self.gmanager: GManager | None = None  # set by GManager.register when lending is on
+        # Blocks this instance's own queued requests will need: not lent out (set each step).
+        self.queue_demand = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -42,7 +44,15 @@ class RManager:
 
     @property
     def num_lendable_blocks(self) -> int:
-        return max(0, min(self.pool.num_free, self.max_lent_blocks - self.pool.num_lent))
+        """Free blocks that may go to others: within the cap, after the own queue's needs."""
+        return max(0, min(self.pool.num_free - self.queue_demand,
+                          self.max_lent_blocks - self.pool.num_lent))
+
+    def num_available_blocks(self) -> int:
+        """Blocks this instance could get now: its free ones plus what creditors may lend."""
+        if self.gmanager is None:
+            return self.pool.num_free
+        return self.pool.num_free + self.gmanager.lendable_elsewhere(self.instance_id)
 
     def num_borrowed_blocks(self) -> int:
         return sum(len(t) - len(t.blocks_on(self.instance_id)) for t in self.tables.values())

@@ -181,11 +181,12 @@ class ClusterEngine:
         return self.num_blocks_per_instance + (len(self.instances) - 1) * self.max_lent_blocks
 
     def _route(self, request: Request) -> Instance:
-        load = {i.instance_id: i.scheduler.num_unfinished for i in self.instances}
-        if self.lending:
-            return self.instance(self.gmanager.least_loaded(list(load), load))
-        return max(self.instances, key=lambda i: (i.rmanager.num_free_blocks,
-                                                  -load[i.instance_id], -i.instance_id))
+        """The instance with the most free blocks once its queue is served; ties: the fewest
+        unfinished requests. Counting the queue matters: requests added between two steps
+        would otherwise all go to the same instance."""
+        return max(self.instances, key=lambda i: (
+            i.rmanager.num_free_blocks - i.scheduler.queue_demand(),
+            -i.scheduler.num_unfinished, -i.instance_id))
 
     def abort_request(self, request_id: RequestId) -> None:
         stream = self.streams.pop(request_id, None)
@@ -203,6 +204,8 @@ class ClusterEngine:
         """One recall -> schedule -> run -> update round; returns the requests that made
         progress."""
         if self.lending:
+            for inst in self.instances:
+                inst.rmanager.queue_demand = inst.scheduler.head_demand()
             self.gmanager.heartbeat_all()
             self._recall()
         plans = [inst.scheduler.schedule() for inst in self.instances]

@@ -15,6 +15,7 @@ from collections import deque
 
 from infinillm.cluster import RManager
 from infinillm.config import SchedulerConfig
+from infinillm.kvcache import blocks_needed
 from infinillm.types import (
     FinishReason,
     InstanceId,
@@ -52,6 +53,20 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def queue_demand(self) -> int:
+        """Blocks the waiting requests need to start (their prompts and tokens so far)."""
+        bs = self.rmanager.block_size
+        return sum(blocks_needed(r.num_tokens + 1, bs) for r in self.waiting)
+
+    def head_demand(self) -> int:
+        """Blocks the first waiting request needs, if the local pool can give them now: what
+        this instance should not lend this step. (A head that needs more will borrow anyway;
+        holding blocks back for it would only starve the borrowers it waits for.)"""
+        if not self.waiting:
+            return 0
+        need = blocks_needed(self.waiting[0].num_tokens + 1, self.rmanager.block_size)
+        return need if need <= self.rmanager.num_free_blocks else 0
+
     def add(self, request: Request) -> None:
         request.instance_id = self.instance_id
         self.waiting.append(request)
@@ -88,6 +103,11 @@ class Scheduler:
                 break
             request = self.waiting[0]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # Keep a block of headroom per running request, so admitting this one does not
+            # force a preemption at the next decode step.
+            need = blocks_needed(num_new, self.rmanager.block_size) + len(self.running)
+            if need > self.rmanager.num_available_blocks():
+                break
             if not self.rmanager.allocate_slots(request.request_id, num_new):
                 break
             self.waiting.popleft()
@@ -101,7 +121,10 @@ class Scheduler:
         """Allocate blocks for `request`'s next chunk, preempting newer requests if needed."""
         target = request.num_computed_tokens + num_new
         while not self.rmanager.allocate_slots(request.request_id, target):
-            victim = self.running[-1]
+            # Among this request and the newer ones (not yet planned this step), give way
+            # the one whose recompute costs least; the newest on ties.
+            later = self.running[self.running.index(request):]
+            victim = min(reversed(later), key=lambda r: r.num_computed_tokens)
             if victim is request and len(self.running) == 1:
                 # Alone here, nothing to preempt. With lending, blocks freed elsewhere may come:
                 # wait (the engine breaks a cluster-wide standstill). Without, the pool can

@@ -35,11 +35,14 @@ def run_checked(llm: LLM, batch: list[list[int]]) -> list[list[int]]:
     engine = llm.engine
     ids = [engine.add_request(p, GREEDY) for p in batch]
     done = {}
-    while engine.has_unfinished_requests():
+    for _ in range(2000):  # far more steps than the work needs: no livelock
+        if not engine.has_unfinished_requests():
+            break
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
         engine.check_integrity()
+    assert not engine.has_unfinished_requests(), "requests did not finish in 2000 steps"
     assert engine.num_free_blocks() == [engine.num_blocks_per_instance] * len(engine.instances)
     assert engine.gmanager.debts == {}
     return [done[i] for i in ids]

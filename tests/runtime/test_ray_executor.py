@@ -15,9 +15,9 @@ SETTINGS = dict(block_size=4, kv_blocks_per_instance=14, num_instances=2,
                 max_num_batched_tokens=16)
 
 
-def prompts(seed: int) -> list[list[int]]:
+def prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (44, 30, 9, 25)]
+    return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def ray_llm(tiny_llama):
 
 
 def test_ray_actors_match_inproc_with_borrowing(tiny_llama, ray_llm):
-    batch = prompts(1)
+    batch = prompts(1, (70, 30, 9, 25))  # 70 tokens: more than one pool of 14 blocks of 4
     expected = [o.outputs[0].token_ids for o in
                 LLM(tiny_llama, **SETTINGS).generate(batch, GREEDY, use_tqdm=False)]
     outs = ray_llm.generate(batch, GREEDY, use_tqdm=False)
@@ -41,7 +41,8 @@ def test_ray_actors_match_inproc_with_borrowing(tiny_llama, ray_llm):
 def test_killed_actor_loses_no_request(tiny_llama, ray_llm):
     import ray
 
-    batch = prompts(2)
+    # each request fits one pool (the survivor's), but together they make instances borrow
+    batch = prompts(2, (44, 30, 20, 25))
     expected = [o.outputs[0].token_ids for o in
                 LLM(tiny_llama, **SETTINGS).generate(batch, GREEDY, use_tqdm=False)]
     engine = ray_llm.engine
