@@ -150,7 +150,42 @@ class GManager:
                 moves.append(move)
                 budget -= 1
                 room -= 1
+        moves += self._plan_reclaims(budget, {(m.request_id, m.index) for m in moves})
         return moves
+
+    def _plan_reclaims(self, budget: int, planned: set[tuple[RequestId, int]]) -> list[BlockMove]:
+        """A creditor whose own queue needs blocks it has lent (`RManager.reclaim_wanted`)
+        gets them back: each lent block moves to the instance with the most lendable room
+        (never back to the creditor), the borrower's own pool included."""
+        moves: list[BlockMove] = []
+        for creditor, crm in self.rmanagers.items():
+            wanted = crm.reclaim_wanted
+            for owner in self.rmanagers:
+                if owner == creditor:
+                    continue
+                for rid, index, _ in list(self._remote_entries(owner, creditor)):
+                    if wanted <= 0 or budget <= 0:
+                        break
+                    if (rid, index) in planned:
+                        continue
+                    dst = self._roomiest(exclude=creditor, owner=owner)
+                    move = None if dst is None else self.plan_move(owner, rid, index, dst)
+                    if move is None:
+                        return moves
+                    moves.append(move)
+                    wanted -= 1
+                    budget -= 1
+        return moves
+
+    def _roomiest(self, exclude: InstanceId, owner: InstanceId) -> InstanceId | None:
+        """The instance other than `exclude` that can take one more block of `owner`'s."""
+        def room(i: InstanceId) -> int:
+            rm = self.rmanagers[i]
+            if i == owner:
+                return rm.num_free_blocks - self.recall_headroom
+            return rm.num_lendable_blocks
+        best = max((i for i in self.rmanagers if i != exclude), key=room, default=None)
+        return best if best is not None and room(best) > 0 else None
 
     def plan_move(self, owner: InstanceId, request_id: RequestId, index: int,
                   dst: InstanceId) -> BlockMove | None:

@@ -27,8 +27,10 @@ class RManager:
         self.max_lent_blocks = max_lent_blocks
         self.tables: dict[RequestId, BlockTable] = {}
         self.gmanager: GManager | None = None  # set by GManager.register when lending is on
-        # Blocks this instance's own queued requests will need: not lent out (set each step).
+        # Set by the engine each step from the scheduler's queue: blocks not to lend out, and
+        # lent blocks this instance wants back for its own queue.
         self.queue_demand = 0
+        self.reclaim_wanted = 0
 
     @property
     def num_free_blocks(self) -> int:

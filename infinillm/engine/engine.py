@@ -206,6 +206,7 @@ class ClusterEngine:
         if self.lending:
             for inst in self.instances:
                 inst.rmanager.queue_demand = inst.scheduler.head_demand()
+                inst.rmanager.reclaim_wanted = inst.scheduler.reclaim_demand()
             self.gmanager.heartbeat_all()
             self._recall()
         plans = [inst.scheduler.schedule() for inst in self.instances]

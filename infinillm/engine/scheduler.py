@@ -67,6 +67,15 @@ class Scheduler:
         need = blocks_needed(self.waiting[0].num_tokens + 1, self.rmanager.block_size)
         return need if need <= self.rmanager.num_free_blocks else 0
 
+    def reclaim_demand(self) -> int:
+        """Lent blocks this instance needs back to admit its first waiting request locally;
+        0 when it has enough free, or when even all its lent blocks would not be enough."""
+        if not self.waiting:
+            return 0
+        rm = self.rmanager
+        need = blocks_needed(self.waiting[0].num_tokens + 1, rm.block_size) - rm.num_free_blocks
+        return need if 0 < need <= rm.num_lent_blocks else 0
+
     def add(self, request: Request) -> None:
         request.instance_id = self.instance_id
         self.waiting.append(request)

@@ -127,6 +127,22 @@ def test_recall_brings_blocks_home_within_budget_and_headroom():
     assert gm.plan_move(A, r, 4, A) is None  # already there
 
 
+def test_creditor_reclaims_lent_blocks_for_its_own_queue():
+    gm, (a, b, c) = cluster(3, 4)
+    r = RequestId("r")
+    assert b.allocate_slots(r, 24)  # 4 on b, then 2 borrowed from a (ties: lowest id)
+    assert b.table(r).entries[4:] == [(A, 0), (A, 1)]
+    gm.heartbeat_all()
+    assert gm.plan_recall(16) == []  # nobody wants anything back
+    a.reclaim_wanted = 2  # a's own queue needs the two blocks it lent
+    moves = gm.plan_recall(16)
+    # b is full, so they go to c, which has the most room; never back to a
+    assert [(m.index, m.src, m.dst) for m in moves] == [(4, (A, 0), (C, 0)), (5, (A, 1), (C, 1))]
+    apply(gm, moves)
+    assert a.num_free_blocks == 4 and a.num_lent_blocks == 0 and c.num_lent_blocks == 2
+    assert gm.debts == {(B, C): {r: 2}}
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["grow", "grow", "finish", "recall", "migrate"]),
                           st.integers(0, 2), st.integers(0, 5), st.integers(1, 20)),
@@ -151,6 +167,7 @@ def test_conservation_under_random_operations(ops, cap):
             lengths.pop(rid, None)
             owner_of.pop(rid, None)
         elif op == "recall":
+            rms[inst].reclaim_wanted = who  # sometimes a creditor wants blocks back
             gm.apply_moves(gm.plan_recall(n))
         elif rid in lengths:  # migrate logical block n of rid to instance inst
             index = n % len(rm.table(rid))
