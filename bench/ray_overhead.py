@@ -37,14 +37,15 @@ def measure(executor: str, args, prompts) -> dict:
             engine.step()
         table = engine.instance(0).rmanager.tables[a]
         moved = sum(engine.migrate_block(a, i, 1) for i in range(0, len(table), 2))
+        fresh = {"max_age_s": 0.0}
         for _ in range(3):  # warm-up with the final placement
             engine.step()
-        before = engine.executor.fabric_stats()
+        before = engine.executor.fabric_stats(**fresh)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         wall = (time.perf_counter() - t0) / args.steps
-        after = engine.executor.fabric_stats()
+        after = engine.executor.fabric_stats(**fresh)
         layers = engine.arch.num_layers
         execute = (after.execute_seconds - before.execute_seconds) / args.steps
         exchange = (after.exchange_seconds - before.exchange_seconds) / args.steps

@@ -63,8 +63,9 @@ class Executor(ABC):
         """Copy blocks between instances' storages (all reads before any write)."""
 
     @abstractmethod
-    def fabric_stats(self) -> FabricStats:
-        """Remote traffic so far, summed over instances."""
+    def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
+        """Remote traffic so far, summed over instances (may be up to `max_age_s` old where
+        gathering it costs a round trip)."""
 
     def remove_instance(self, instance: InstanceId) -> None:  # noqa: B027 (optional)
         """Forget an instance that was lost."""
@@ -94,7 +95,7 @@ class InProcExecutor(Executor):
     def move_blocks(self, moves: list[Move]) -> None:
         self.fabric.move_blocks(moves)
 
-    def fabric_stats(self) -> FabricStats:
+    def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
         return dataclasses.replace(self.fabric.stats,
                                    per_pair_calls=dict(self.fabric.stats.per_pair_calls))
 

@@ -162,13 +162,19 @@ class RayExecutor(Executor):
             raise failed[0][1]
         return results
 
-    def fabric_stats(self) -> FabricStats:
+    def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
+        """Traffic counters summed over the actors; a round trip to each, so reused for up to
+        `max_age_s` (servers publish stats after every step)."""
+        cached = getattr(self, "_stats_cache", None)
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
         total = FabricStats()  # a lost actor takes its counts with it
         for stats in self._ray.get([a.stats.remote() for a in self.actors.values()]):
             for name in ("remote_attention_calls", "remote_attention_items", "remote_kv_writes",
                          "bytes_sent", "blocks_moved", "exchange_seconds", "execute_seconds",
                          "transfer_seconds"):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
+        self._stats_cache = (time.monotonic(), total)
         return total
 
     def remove_instance(self, instance: InstanceId) -> None:
