@@ -1,0 +1,150 @@
+"""Seeded online workloads for bench/run_all.py and the loop serving one on an in-process engine.
+
+Contract: `make_workload` is pure (same arguments, same requests); `serve_online` drives
+`LLM(...).engine` directly with wall-clock Poisson arrivals and returns plain numbers (JSON-ready).
+
+Workloads, modelled on the paper's traces and scaled to one small CPU model:
+- `short`: prompts uniform in [100, 400] tokens (ShareGPT-like chat).
+- `mixed`: mostly short, about one request in six long (600-2400 tokens: some exceed one
+  instance's pool, as in the paper's production trace).
+- `long`: prompt lengths log-uniform over two orders of magnitude, 30-3000 tokens (L-Eval-like).
+Every request asks for a number of new tokens uniform in [min_new, max_new], greedy, ignore_eos.
+Inter-arrival gaps are drawn once per workload (exponential, mean 1) and divided by the rate, so
+every rate and every system sees the same prompts in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+from common import seeded_prompts
+
+WORKLOADS = ("short", "mixed", "long")
+COUNTERS = ("preemptions", "remote_attention_calls", "remote_bytes", "migrations")
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    at_s: float  # seconds after the run starts
+    prompt_ids: list[int]
+    max_new: int
+
+
+def prompt_lens(kind: str, n: int, rng: random.Random) -> list[int]:
+    """Prompt lengths of workload `kind` (see the module docstring)."""
+    if kind == "short":
+        return [rng.randint(100, 400) for _ in range(n)]
+    if kind == "mixed":
+        num_long = max(2, n // 6)
+        lens = [rng.randint(600, 2400) for _ in range(num_long)]
+        lens += [rng.randint(100, 400) for _ in range(n - num_long)]
+        rng.shuffle(lens)
+        return lens
+    if kind == "long":
+        return [int(math.exp(rng.uniform(math.log(30), math.log(3000)))) for _ in range(n)]
+    raise ValueError(f"workload must be one of {WORKLOADS}, got {kind!r}")
+
+
+def make_workload(kind: str, n: int, rate: float, vocab_size: int, min_new: int, max_new: int,
+                  seed: int) -> list[Arrival]:
+    """`n` seeded requests of workload `kind` arriving as a Poisson process of `rate` req/s."""
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    rng = random.Random(f"{seed}-{kind}")
+    lens = prompt_lens(kind, n, rng)
+    prompts = [seeded_prompts(vocab_size, 1, k, k, seed=rng.randrange(2**31))[0] for k in lens]
+    news = [rng.randint(min_new, max_new) for _ in range(n)]
+    at, arrivals = 0.0, []
+    for prompt, new in zip(prompts, news, strict=True):
+        at += rng.expovariate(1.0)
+        arrivals.append(Arrival(at / rate, prompt, new))
+    return arrivals
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool) -> dict:
+    """Add each request at its arrival time, step until all are done; per-request times.
+
+    TTFT is from the scheduled arrival (not from `add_request`, which waits for the step in
+    flight) to the end of the step that sampled the first token; TPOT is (end - first token) /
+    (tokens - 1). A prompt the engine cannot serve raises ValueError at admission: counted as
+    refused. With `keep_timeline`, block counts per instance after every step.
+    """
+    engine = llm.engine
+    before = llm.cluster_stats()  # the counters are cumulative: count this run's only
+    meta: dict[str, dict] = {}
+    refused = next_i = 0
+    timeline, max_borrowed, max_lent = [], 0, 0
+    t0 = time.perf_counter()
+    while next_i < len(workload) or engine.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while next_i < len(workload) and workload[next_i].at_s <= now:
+            a = workload[next_i]
+            next_i += 1
+            params = sampling_cls(max_tokens=a.max_new, temperature=0.0, ignore_eos=True)
+            try:
+                rid = engine.add_request(a.prompt_ids, params)
+            except ValueError:
+                refused += 1
+                continue
+            meta[rid] = {"arrival": a.at_s, "first": None, "end": None, "tokens": 0,
+                         "max_new": a.max_new, "prompt_len": len(a.prompt_ids)}
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, workload[next_i].at_s - now))
+            continue
+        outs = engine.step()
+        now = time.perf_counter() - t0
+        for o in outs:
+            m = meta[o.request_id]
+            m["tokens"] = len(o.outputs[0].token_ids)
+            if m["first"] is None and m["tokens"]:
+                m["first"] = now
+            if o.finished:
+                m["end"] = now
+        stats = llm.cluster_stats()["instances"]
+        max_borrowed = max(max_borrowed, sum(i["borrowed_blocks"] for i in stats))
+        max_lent = max(max_lent, sum(i["lent_blocks"] for i in stats))
+        if keep_timeline:
+            timeline.append([round(now, 3)] + [[i["used_blocks"], i["lent_blocks"],
+                                                i["borrowed_blocks"], i["free_blocks"]]
+                                               for i in stats])
+    engine.check_integrity()
+    after = llm.cluster_stats()
+    return _summary(meta, workload, refused, before, after, max_borrowed, max_lent, timeline)
+
+
+def _summary(meta, workload, refused, before, after, max_borrowed, max_lent, timeline) -> dict:
+    done = [m for m in meta.values() if m["end"] is not None]
+    ttft = [m["first"] - m["arrival"] for m in done]
+    tpot = [(m["end"] - m["first"]) / (m["tokens"] - 1) for m in done if m["tokens"] > 1]
+    duration = max((m["end"] for m in done), default=0.0)  # from the run's start
+    generated = sum(m["tokens"] for m in done)
+    out = {"submitted": len(workload), "served": len(done), "refused": refused,
+           "cut_short": sum(m["tokens"] < m["max_new"] for m in done),
+           "duration_s": duration, "generated_tokens": generated,
+           "output_tok_s": generated / duration if duration else 0.0,
+           "served_prompt_tokens": sum(m["prompt_len"] for m in done),
+           # prompt + output tokens of the served requests per second: fairer where a system
+           # refuses the longest prompts (it then does less work)
+           "total_tok_s": (sum(m["prompt_len"] for m in done) + generated) / duration
+           if duration else 0.0,
+           "req_s": len(done) / duration if duration else 0.0,
+           "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+           "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
+           "max_borrowed_blocks": max_borrowed, "max_lent_blocks": max_lent}
+    for key in COUNTERS:
+        out[key] = after[key] - before[key]
+    if timeline:
+        out["timeline"] = timeline
+    return out
+
