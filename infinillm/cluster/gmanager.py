@@ -50,9 +50,6 @@ class GManager:
         for instance in self.rmanagers:
             self.heartbeat(instance)
 
-    def free_view(self, instance: InstanceId) -> int:
-        return self._free[instance]
-
     def lendable_elsewhere(self, instance: InstanceId) -> int:
         """What the other instances may lend, by the current view."""
         return sum(n for i, n in self._lendable.items() if i != instance)

@@ -20,7 +20,6 @@ from infinillm.types import (
     FinishReason,
     InstanceId,
     Request,
-    RequestId,
     RequestStatus,
     ScheduledChunk,
     StepPlan,
@@ -177,6 +176,3 @@ class Scheduler:
             params=request.params,
             num_output_tokens=len(request.output_token_ids),
         )
-
-    def running_ids(self) -> list[RequestId]:
-        return [r.request_id for r in self.running]
