@@ -1,11 +1,12 @@
-"""GManager: the global debt ledger, creditor selection, routing and recall planning.
+"""GManager: the global debt ledger, creditor selection and recall planning.
 
-The ledger holds, per instance, the free and lendable blocks last reported by its heartbeat,
-and the debts: for each (debtor, creditor) pair, how many blocks each request of the debtor
-holds on the creditor. Borrowing goes reserve -> lend -> record: the GManager first reserves
-blocks on creditors against its view (taking them out of the view at once, so a stale view never
-promises the same blocks twice), then the creditors' RManagers lend them from their own pools,
-refusing what they no longer have; a refusal cancels the whole borrow.
+The ledger holds, per instance, the lendable blocks last reported by its heartbeat (free blocks
+within the lending cap and after the own queue's needs), and the debts: for each (debtor,
+creditor) pair, how many blocks each request of the debtor holds on the creditor. Borrowing goes
+reserve -> lend -> record: the GManager first reserves blocks on creditors against its view
+(taking them out of the view at once, so a stale view never promises the same blocks twice),
+then the creditors' RManagers lend them from their own pools, refusing what they no longer have;
+a refusal cancels the whole borrow.
 
 Recall (our reading of the paper's DGFM) runs between steps, with a per-step budget of moved
 blocks: first it breaks two-instance cycles in the debt graph (A holds B's blocks while B holds
@@ -24,7 +25,6 @@ class GManager:
     def __init__(self, recall_headroom: int = 0) -> None:
         self.rmanagers: dict[InstanceId, RManager] = {}
         self.recall_headroom = recall_headroom
-        self._free: dict[InstanceId, int] = {}
         self._lendable: dict[InstanceId, int] = {}
         self.debts: dict[tuple[InstanceId, InstanceId], dict[RequestId, int]] = {}
         self.num_refused_loans = 0
@@ -38,12 +38,11 @@ class GManager:
         """Forget a lost instance; it must hold no loans and owe nothing any more."""
         if any(instance in pair for pair in self.debts):
             raise RuntimeError(f"instance {instance} still has debts: {self.debt_matrix()}")
-        del self.rmanagers[instance], self._free[instance], self._lendable[instance]
+        del self.rmanagers[instance], self._lendable[instance]
 
     def heartbeat(self, instance: InstanceId) -> None:
         """Refresh the view of one instance's free and lendable blocks."""
         rm = self.rmanagers[instance]
-        self._free[instance] = rm.num_free_blocks
         self._lendable[instance] = rm.num_lendable_blocks
 
     def heartbeat_all(self) -> None:
@@ -77,13 +76,11 @@ class GManager:
                 break
         for g in grants:
             self._lendable[g.creditor] -= g.num_blocks
-            self._free[g.creditor] -= g.num_blocks
         return grants
 
     def cancel(self, grants: list[Grant]) -> None:
         for g in grants:
             self._lendable[g.creditor] += g.num_blocks
-            self._free[g.creditor] += g.num_blocks
 
     def borrow(self, debtor: InstanceId, request_id: RequestId,
                n: int) -> list[tuple[InstanceId, list[BlockId]]] | None:

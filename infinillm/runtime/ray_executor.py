@@ -95,6 +95,7 @@ class RayExecutor(Executor):
                        for i in instance_ids}
         self.block_size = spec.block_size
         self.timeout_s = runtime.dist_timeout_s
+        self._stats_cache: tuple[float, FabricStats | None] = (0.0, None)
         self._connect()
         atexit.register(self.shutdown)
 
@@ -165,9 +166,9 @@ class RayExecutor(Executor):
     def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
         """Traffic counters summed over the actors; a round trip to each, so reused for up to
         `max_age_s` (servers publish stats after every step)."""
-        cached = getattr(self, "_stats_cache", None)
-        if cached is not None and time.monotonic() - cached[0] < max_age_s:
-            return cached[1]
+        taken, cached = self._stats_cache
+        if cached is not None and time.monotonic() - taken < max_age_s:
+            return cached
         total = FabricStats()  # a lost actor takes its counts with it
         for stats in self._ray.get([a.stats.remote() for a in self.actors.values()]):
             for name in ("remote_attention_calls", "remote_attention_items", "remote_kv_writes",
