@@ -106,9 +106,11 @@ class GManager:
 
     def repay(self, debtor: InstanceId, creditor: InstanceId, request_id: RequestId,
               blocks: list[BlockId]) -> None:
-        """A request of `debtor` gives back its blocks on `creditor`."""
+        """A request of `debtor` gives back its blocks on `creditor`, which may lend them again
+        at once (a preemption that frees borrowed blocks must not leave the view short)."""
         self.rmanagers[creditor].pool.free(blocks)
         self._add_debt(debtor, creditor, request_id, -len(blocks))
+        self.heartbeat(creditor)
 
     def _add_debt(self, debtor: InstanceId, creditor: InstanceId, request_id: RequestId,
                   n: int) -> None:

@@ -30,6 +30,7 @@ class _Room(enum.Enum):
     READY = "ready"  # blocks allocated
     GONE = "gone"  # the request left `running` (preempted, or finished out of blocks)
     STALLED = "stalled"  # no blocks this step; it stays running and waits
+    HELD = "held"  # a prefill with no blocks this step, waiting on decodes to finish
 
 
 class Scheduler:
@@ -90,13 +91,13 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan(self.instance_id)
         budget = self.config.max_num_batched_tokens
-        preempted = False
+        preempted = held = False
         self.stalled = []
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            room = self._make_room(request, num_new)
+            room, num_new = self._make_room(request, num_new)
             if room is _Room.READY:
                 plan.chunks.append(self._chunk(request, num_new))
                 budget -= num_new
@@ -104,9 +105,12 @@ class Scheduler:
             elif room is _Room.STALLED:
                 self.stalled.append(request)
                 i += 1
+            elif room is _Room.HELD:
+                held = True
+                i += 1
             else:  # `request` or newer ones left `running`: index i holds the next one
                 preempted = True
-        while self.waiting and budget > 0 and not preempted and not self.stalled:
+        while self.waiting and budget > 0 and not (preempted or held or self.stalled):
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
@@ -125,29 +129,54 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def _make_room(self, request: Request, num_new: int) -> _Room:
-        """Allocate blocks for `request`'s next chunk, preempting newer requests if needed."""
+    def _make_room(self, request: Request, num_new: int) -> tuple[_Room, int]:
+        """Allocate blocks for `request`'s next chunk, preempting newer requests if needed;
+        the outcome and the chunk's tokens.
+
+        A prefill chunk that does not fit whole is cut to the blocks there are, and one that gets
+        none waits while other requests decode (HELD): a long prompt then goes on as blocks free
+        up, instead of preempting itself and recomputing its prefix from scratch over and over
+        while the requests before it decode.
+        """
         target = request.num_computed_tokens + num_new
         while not self.rmanager.allocate_slots(request.request_id, target):
+            fits = self._tokens_that_fit(request)
+            if 0 < fits < num_new:
+                num_new, target = fits, request.num_computed_tokens + fits
+                continue
             # Among this request and the newer ones (not yet planned this step), give way
             # the one whose recompute costs least; the newest on ties.
             later = self.running[self.running.index(request):]
             victim = min(reversed(later), key=lambda r: r.num_computed_tokens)
+            if victim is request and num_new > 1 and any(
+                    r.num_computed_tokens >= len(r.prompt_token_ids) for r in self.running):
+                # A prefill that would give way to nobody but itself: keep what it computed
+                # and wait for a decoding request to finish (they preempt newer ones when they
+                # need blocks, so they do finish).
+                return _Room.HELD, num_new
             if victim is request and len(self.running) == 1:
                 # Alone here, nothing to preempt. With lending, blocks freed elsewhere may come:
                 # wait (the engine breaks a cluster-wide standstill). Without, the pool can
                 # never hold this request: it ends.
                 if self.can_wait:
-                    return _Room.STALLED
+                    return _Room.STALLED, num_new
                 self.running.remove(request)
                 self.rmanager.free(request.request_id)
                 request.finish_reason = FinishReason.LENGTH
                 self.out_of_blocks.append(request)
-                return _Room.GONE
+                return _Room.GONE, num_new
             self.preempt(victim)
             if victim is request:
-                return _Room.GONE
-        return _Room.READY
+                return _Room.GONE, num_new
+        return _Room.READY, num_new
+
+    def _tokens_that_fit(self, request: Request) -> int:
+        """New tokens `request` could take now: the rest of its table and the local free blocks
+        (what a creditor may lend is left out: a whole chunk already failed to borrow it)."""
+        table = self.rmanager.tables.get(request.request_id)
+        held = len(table) * self.rmanager.block_size if table is not None else 0
+        return held - request.num_computed_tokens + self.rmanager.pool.num_free * \
+            self.rmanager.block_size
 
     def preempt(self, request: Request) -> None:
         """Free a running request's blocks and queue it first, to be recomputed."""

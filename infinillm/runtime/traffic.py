@@ -55,11 +55,25 @@ def is_padded_decode(me: InstanceId, c: ScheduledChunk) -> bool:
 
 
 def order_chunks(me: InstanceId, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], int]:
-    """The step's row order (padded decodes first) and how many chunks are padded decodes."""
-    padded = [c for c in chunks if is_padded_decode(me, c)]
-    if len(padded) == len(chunks):
-        return chunks, len(padded)
-    return padded + [c for c in chunks if not is_padded_decode(me, c)], len(padded)
+    """The step's row order (padded decodes first) and how many chunks are padded decodes.
+
+    A padded call costs (number of decodes) x (longest context) gathered keys, so one long
+    context among short ones would multiply the work of all of them: decodes join the padded
+    call shortest first while the padding stays under the keys really read, and the longer rest
+    go one by one (in place, over runs of blocks).
+    """
+    eligible = sorted((c for c in chunks if is_padded_decode(me, c)), key=lambda c: c.start_pos)
+    keys = count = 0
+    for c in eligible:
+        if (count + 1) * (c.start_pos + 1) > 2 * (keys + c.start_pos + 1):
+            break
+        keys += c.start_pos + 1
+        count += 1
+    padded = {id(c) for c in eligible[:count]}
+    if count == len(chunks):
+        return chunks, count
+    return ([c for c in chunks if id(c) in padded]
+            + [c for c in chunks if id(c) not in padded], count)
 
 
 def prefix_by_holder(c: ScheduledChunk, block_size: int) -> dict[InstanceId, Prefix]:

@@ -141,3 +141,33 @@ def test_bfloat16_logits_close_to_float32_reference(tiny_llama):
         rel = (ours - ref).abs().max() / ref.abs().max()
         assert rel < 5e-2, f"relative logits error {rel:.2e}"
     llm.engine.check_integrity()
+
+
+def test_long_prompt_into_a_busy_pool_waits_instead_of_recomputing(tiny_llama):
+    """A long prompt admitted chunk by chunk while short requests decode runs out of blocks
+    halfway: it goes on with what there is, or waits for a decode to finish, and never throws
+    its computed prefix away; every token stays exact."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(5)
+    short = [torch.randint(0, 512, (6,), generator=gen).tolist() for _ in range(4)]
+    long = torch.randint(0, 512, (90,), generator=gen).tolist()
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    # 32 blocks of 4 = 128 tokens: the short ones grow to 30 tokens each, the long one to 114
+    llm = LLM(tiny_llama, block_size=4, kv_blocks_per_instance=32, max_num_batched_tokens=16)
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in short]
+    engine.step()
+    long_id = engine.add_request(long, params)
+    long_request = engine.streams[long_id].request
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        engine.check_integrity()
+    assert long_request.num_preemptions == 0
+    for rid, prompt in zip([*ids, long_id], [*short, long]):
+        assert done[rid] == hf_greedy(hf, prompt, 24)[0]
+    assert engine.num_free_blocks() == [32]
