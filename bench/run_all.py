@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("lending", "multi", "single")
 SYSTEMS_ALL = (*SYSTEMS, "vllm")
 PRESETS = {"quick": {"num_requests": 12, "rates": "1,2,4"},
-           "full": {"num_requests": 48, "rates": "0.5,1,2,4"}}
+           "full": {"num_requests": 48, "rates": "1,2,4"}}
 
 
 def make_llm(args, system: str, num_instances: int | None = None):
@@ -243,7 +243,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: 12 requests per run")
-    mode.add_argument("--full", action="store_true", help="48 requests per run, 4 rates")
+    mode.add_argument("--full", action="store_true", help="48 requests per run")
     ap.add_argument("--model", default=None, help="model folder (default: the embedded default)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rates", default=None, help="req/s, comma-separated (preset by mode)")

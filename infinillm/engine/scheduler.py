@@ -3,9 +3,10 @@
 Each step gets a token budget. Running requests go first, in arrival order: a decoding request
 takes one token, a request still prefilling takes the next chunk of its prompt. Waiting requests
 are then admitted, oldest first, while budget, the sequence limit and blocks allow. When a running
-request needs a block and none is free, the newest running request is preempted: its blocks are
-freed and it goes back to the front of the queue, to be recomputed from its prompt and the tokens
-it already produced.
+request needs a block and none is free: a prefill chunk is cut to the blocks there are, or waits
+while other requests decode; otherwise the request cheapest to recompute among it and the newer
+ones is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed from its prompt and the tokens it already produced.
 """
 
 from __future__ import annotations
@@ -115,9 +116,12 @@ class Scheduler:
                 break
             request = self.waiting[0]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            # Keep a block of headroom per running request, so admitting this one does not
-            # force a preemption at the next decode step.
-            need = blocks_needed(num_new, self.rmanager.block_size) + len(self.running)
+            # Start a request only when its whole prefill fits now (here or by borrowing), and
+            # keep a block of headroom per running request, so admitting it does not force a
+            # preemption at the next decode step. Admitting long prompts on their first chunk
+            # alone let several half-prefilled ones fill the cluster and wait on each other,
+            # preempted and readmitted in turn without end.
+            need = blocks_needed(request.num_tokens, self.rmanager.block_size) + len(self.running)
             if need > self.rmanager.num_available_blocks():
                 break
             if not self.rmanager.allocate_slots(request.request_id, num_new):
@@ -149,10 +153,10 @@ class Scheduler:
             later = self.running[self.running.index(request):]
             victim = min(reversed(later), key=lambda r: r.num_computed_tokens)
             if victim is request and num_new > 1 and any(
-                    r.num_computed_tokens >= len(r.prompt_token_ids) for r in self.running):
+                    r.num_computed_tokens >= r.num_tokens - 1 for r in self.running):
                 # A prefill that would give way to nobody but itself: keep what it computed
-                # and wait for a decoding request to finish (they preempt newer ones when they
-                # need blocks, so they do finish).
+                # and wait for a decoding request (one token a step, never held) to finish or
+                # to give way itself; either frees blocks.
                 return _Room.HELD, num_new
             if victim is request and len(self.running) == 1:
                 # Alone here, nothing to preempt. With lending, blocks freed elsewhere may come:

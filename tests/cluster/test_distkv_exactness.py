@@ -82,6 +82,17 @@ def test_request_three_pools_long_completes_on_four_instances(tiny_llama, refere
         alone.generate(prompt, GREEDY, use_tqdm=False)
 
 
+def test_many_prompts_longer_than_a_pool_at_once_all_complete(tiny_llama, reference):
+    """Five prompts of 1.9-2.8 pools arriving together on 4 instances: together they need more
+    than the cluster. Admitted on their first chunk alone, they filled every pool half-prefilled
+    and waited on each other for ever (preempted and readmitted in turn); they must all
+    complete, exactly."""
+    batch = prompts([150, 180, 120, 170, 140, 9, 14], seed=21)  # a pool holds 64 tokens
+    llm = LLM(tiny_llama, block_size=4, kv_blocks_per_instance=16, num_instances=4,
+              max_num_batched_tokens=32)
+    assert run_checked(llm, batch) == reference(batch)
+
+
 def test_request_beyond_the_cluster_is_refused(tiny_llama):
     llm = LLM(tiny_llama, block_size=4, kv_blocks_per_instance=10, num_instances=2,
               max_lent_fraction=0.5)

@@ -90,13 +90,15 @@ def test_logits_and_greedy_tokens_match_transformers(tiny_model, hf_model, block
 
 def test_preemption_and_tiny_pool_keep_tokens(tiny_model, hf_model):
     """A pool too small for the batch forces preemption by recompute; tokens stay exact."""
-    batch = prompts(4, seed=11)
-    # 4 requests of up to 74 tokens need ~19 blocks of 8 at once; 10 blocks force preemption
+    batch = prompts(3, seed=11)  # 3, 17 and 40 tokens
+    # requests are admitted when their prompts fit; growing by 40 tokens each (to 43, 57 and
+    # 80: each fits alone), the ones running outgrow the 10 blocks of 8 and preempt
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     llm = LLM(tiny_model, block_size=8, kv_blocks_per_instance=10, max_num_batched_tokens=32)
-    outs = llm.generate(batch, GREEDY, use_tqdm=False)
+    outs = llm.generate(batch, params, use_tqdm=False)
     assert sum(i.scheduler.num_preemptions for i in llm.engine.instances) > 0
     for prompt, out in zip(batch, outs):
-        assert out.outputs[0].token_ids == hf_greedy(hf_model, prompt, NEW_TOKENS)[0]
+        assert out.outputs[0].token_ids == hf_greedy(hf_model, prompt, 40)[0]
     llm.engine.check_integrity()
     assert llm.engine.num_free_blocks() == [10]
 
