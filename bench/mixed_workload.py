@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
+from run_all_workloads import InstanceTimer  # noqa: E402
 
 COUNTERS = ("preemptions", "standstills", "migrations", "remote_attention_calls", "remote_bytes")
 
@@ -66,34 +67,6 @@ def make_workload(args, variant: str, vocab: int, seed: int) -> list[tuple[list[
     return [(p, rng.randint(args.min_new, args.max_new)) for p in prompts]
 
 
-class StepTimer:
-    """Per-instance execute time of each step, where the executor exposes its workers."""
-
-    def __init__(self, engine) -> None:
-        self.current: dict[int, float] = {}
-        self.computed_tokens = 0  # every token the workers ran: prefill, decode and recompute
-        workers = getattr(getattr(engine, "executor", None), "workers", None)
-        self.available = isinstance(workers, dict)
-        if self.available:
-            for iid, worker in workers.items():
-                worker.execute = self._wrap(iid, worker.execute)
-
-    def _wrap(self, iid, fn):
-        def timed(plan):
-            self.computed_tokens += sum(len(c.token_ids) for c in plan.chunks)
-            t0 = time.perf_counter()
-            try:
-                return fn(plan)
-            finally:
-                self.current[iid] = self.current.get(iid, 0.0) + time.perf_counter() - t0
-        return timed
-
-    def take_max(self) -> float:
-        slowest = max(self.current.values(), default=0.0)
-        self.current.clear()
-        return slowest
-
-
 def run(llm, workload, sampling_cls) -> dict:
     """Submit everything, step to the end; what was served, refused, and what it cost."""
     engine = llm.engine
@@ -106,7 +79,10 @@ def run(llm, workload, sampling_cls) -> dict:
         except ValueError:
             refused += 1
     queued = [i["waiting"] for i in llm.cluster_stats()["instances"]]
-    timer = StepTimer(engine)
+    try:  # per-instance times, where the executor runs its workers in this process
+        timer = InstanceTimer(engine)
+    except ValueError:
+        timer = None
     outputs: dict[int, list[int]] = {}
     step_s = parallel_s = 0.0
     steps = busy_sum = starved_sum = max_borrowed = 0
@@ -114,7 +90,7 @@ def run(llm, workload, sampling_cls) -> dict:
         t0 = time.perf_counter()
         outs = engine.step()
         step_s += time.perf_counter() - t0
-        parallel_s += timer.take_max()
+        parallel_s += timer.take_slowest() if timer else 0.0
         steps += 1
         for o in outs:
             if o.finished:
@@ -136,9 +112,9 @@ def run(llm, workload, sampling_cls) -> dict:
     # tokens run beyond each served prompt and its output once: recompute after preemption
     # (a request's last sampled token is never fed back, hence the - len(outputs))
     useful = served_prompt + generated - len(outputs)
-    return {"seconds": step_s, "parallel_estimate_s": parallel_s if timer.available else None,
-            "computed_tokens": timer.computed_tokens if timer.available else None,
-            "recomputed_tokens": timer.computed_tokens - useful if timer.available else None,
+    return {"seconds": step_s, "parallel_estimate_s": parallel_s if timer else None,
+            "computed_tokens": timer.computed_tokens if timer else None,
+            "recomputed_tokens": timer.computed_tokens - useful if timer else None,
             "generated_tokens": generated, "tokens_per_s": generated / step_s,
             "served_prompt_tokens": served_prompt, "submitted": len(workload),
             "completed": completed, "cut_short": len(outputs) - completed, "refused": refused,

@@ -89,11 +89,13 @@ class InstanceTimer:
         if not isinstance(workers, dict):
             raise ValueError("the parallel clock needs the in-process executor (executor='inproc')")
         self.current: dict[int, float] = {}
+        self.computed_tokens = 0  # every token the workers ran: prefill, decode and recompute
         for iid, worker in workers.items():
             worker.execute = self._wrap(iid, worker.execute)
 
     def _wrap(self, iid, fn):
         def timed(plan):
+            self.computed_tokens += sum(len(c.token_ids) for c in plan.chunks)
             t0 = time.perf_counter()
             try:
                 return fn(plan)
@@ -101,11 +103,16 @@ class InstanceTimer:
                 self.current[iid] = self.current.get(iid, 0.0) + time.perf_counter() - t0
         return timed
 
+    def take_slowest(self) -> float:
+        """The slowest instance's execute seconds since the last take; resets."""
+        slowest = max(self.current.values(), default=0.0)
+        self.current.clear()
+        return slowest
+
     def parallel_seconds(self, step_wall_s: float) -> float:
         """`step_wall_s` with the instances run side by side instead of in turn; resets."""
-        total, slowest = sum(self.current.values()), max(self.current.values(), default=0.0)
-        self.current.clear()
-        return step_wall_s - total + slowest
+        total = sum(self.current.values())
+        return step_wall_s - total + self.take_slowest()
 
 
 def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool,
@@ -144,8 +151,7 @@ def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool
             except ValueError:
                 refused += 1
                 continue
-            meta[rid] = {"arrival": a.at_s, "first": None, "end": None, "tokens": 0,
-                         "max_new": a.max_new, "prompt_len": len(a.prompt_ids)}
+            meta[rid] = new_record(a)
         if not engine.has_unfinished_requests():
             if next_i < len(workload):
                 if timer:
@@ -160,13 +166,7 @@ def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool
             now = virtual
         else:
             now = time.perf_counter() - t0
-        for o in outs:
-            m = meta[o.request_id]
-            m["tokens"] = len(o.outputs[0].token_ids)
-            if m["first"] is None and m["tokens"]:
-                m["first"] = now
-            if o.finished:
-                m["end"] = now
+        record_outputs(meta, outs, now)
         stats = llm.cluster_stats()["instances"]
         max_borrowed = max(max_borrowed, sum(i["borrowed_blocks"] for i in stats))
         max_lent = max(max_lent, sum(i["lent_blocks"] for i in stats))
@@ -178,6 +178,23 @@ def serve_online(llm, workload: list[Arrival], sampling_cls, keep_timeline: bool
     after = llm.cluster_stats()
     return summarize(meta, workload, refused, before, after, max_borrowed, max_lent, timeline,
                      slo=slo)
+
+
+def new_record(a: Arrival) -> dict:
+    """The per-request record `summarize` reads, for a request just admitted."""
+    return {"arrival": a.at_s, "first": None, "end": None, "tokens": 0, "max_new": a.max_new,
+            "prompt_len": len(a.prompt_ids)}
+
+
+def record_outputs(meta: dict[str, dict], outs, now: float) -> None:
+    """Note one step's outputs (vLLM-shaped RequestOutputs, cumulative token ids) at `now`."""
+    for o in outs:
+        m = meta[o.request_id]
+        m["tokens"] = len(o.outputs[0].token_ids)
+        if m["first"] is None and m["tokens"]:
+            m["first"] = now
+        if o.finished:
+            m["end"] = now
 
 
 def summarize(meta: dict[str, dict], workload: list[Arrival], refused: int, before: dict,

@@ -49,7 +49,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
-from run_all_workloads import WORKLOADS, Arrival, make_workload, summarize  # noqa: E402
+from run_all_workloads import (  # noqa: E402
+    WORKLOADS,
+    Arrival,
+    make_workload,
+    new_record,
+    record_outputs,
+    summarize,
+)
 
 # vLLM reads these at import time (see bench/vllm_offline.py for why each is needed here).
 VLLM_ENV_DEFAULTS = {
@@ -203,27 +210,13 @@ def serve_vllm(
                     raise  # refused for another reason: a bug, not a full cache
                 refused += 1
                 continue
-            meta[rid] = {
-                "arrival": a.at_s,
-                "first": None,
-                "end": None,
-                "tokens": 0,
-                "max_new": a.max_new,
-                "prompt_len": len(a.prompt_ids),
-            }
+            meta[rid] = new_record(a)
         if not engine.has_unfinished_requests():
             if next_i < len(workload):
                 time.sleep(max(0.0, workload[next_i].at_s - now))
             continue
         outs = engine.step()
-        now = time.perf_counter() - t0
-        for o in outs:
-            m = meta[o.request_id]
-            m["tokens"] = len(o.outputs[0].token_ids)
-            if m["first"] is None and m["tokens"]:
-                m["first"] = now
-            if o.finished:
-                m["end"] = now
+        record_outputs(meta, outs, time.perf_counter() - t0)
     if engine.get_num_unfinished_requests():
         raise RuntimeError("requests left in the engine after a run")
     out = summarize(meta, workload, refused, {}, {}, 0, 0, [], slo=slo)

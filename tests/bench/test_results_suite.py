@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -92,8 +93,9 @@ class _FakeEngine:
         self.executor.workers = {i: _SleepyWorker(s) for i, s in enumerate(seconds)}
 
     def step(self):
+        plan = SimpleNamespace(chunks=[SimpleNamespace(token_ids=[1, 2, 3])])
         for worker in self.executor.workers.values():  # in turn, as the in-process executor
-            worker.execute(None)
+            worker.execute(plan)
 
 
 def test_parallel_clock_charges_the_slowest_instance_not_the_sum():
@@ -108,6 +110,7 @@ def test_parallel_clock_charges_the_slowest_instance_not_the_sum():
     # the two faster instances' time is taken out (sleeps only overshoot), the rest is kept
     assert 0.03 + 0.08 <= parallel <= wall - (0.02 + 0.04)
     assert timer.parallel_seconds(0.5) == 0.5  # reset: no worker ran since
+    assert timer.computed_tokens == 3 * 3  # three workers ran a chunk of three tokens
 
 
 def test_parallel_clock_needs_in_process_workers():
