@@ -269,7 +269,6 @@ class ClusterEngine:
             return
         self.executor.move_blocks([(m.src[0], m.src[1], m.dst[0], m.dst[1]) for m in moves])
         self.gmanager.apply_moves(moves)
-        self.gmanager.heartbeat_all()  # the moves changed what each instance may lend
         self.num_migrations += len(moves)
 
     def migrate_block(self, request_id: RequestId, index: int, dst: InstanceId) -> bool:
