@@ -32,22 +32,25 @@ class ModelConfig:
 class CacheConfig:
     """The KV cache of one instance: rBlocks of `block_size` tokens.
 
-    The pool holds `num_blocks` blocks when given, else as many as fit in `memory_bytes`.
+    The pool holds `kv_blocks_per_instance` blocks when given, else as many as fit in
+    `kv_cache_memory_bytes`.
     """
 
     block_size: int = 16
-    num_blocks: int | None = None
-    memory_bytes: int = 2 << 30
+    kv_blocks_per_instance: int | None = None
+    kv_cache_memory_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise ValueError(f"block_size must be an int, got {self.block_size!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"kv_blocks_per_instance must be positive, got {self.num_blocks}")
-        if self.memory_bytes < 1:
-            raise ValueError(f"kv memory budget must be positive, got {self.memory_bytes} bytes")
+        if self.kv_blocks_per_instance is not None and self.kv_blocks_per_instance < 1:
+            raise ValueError(f"kv_blocks_per_instance must be positive, "
+                             f"got {self.kv_blocks_per_instance}")
+        if self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, "
+                             f"got {self.kv_cache_memory_bytes}")
 
 
 @dataclass(frozen=True, slots=True)

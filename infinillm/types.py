@@ -128,6 +128,62 @@ class StepPlan:
         return sum(len(c.token_ids) for c in self.chunks)
 
 
+@dataclass(frozen=True, slots=True)
+class BlockMove:
+    """Move logical block `index` of `request_id` (owned by `owner`) from `src` to `dst`, each an
+    (instance, block) pair. The one move type from plan (cluster/) to data plane (runtime/).
+
+    Moves are executed in two phases: the data plane copies every source to its destination
+    (all reads before any write, so a set of moves may swap blocks), then the control plane
+    switches the tables. No step runs in between, so a block is never read mid-move."""
+
+    request_id: RequestId
+    owner: InstanceId
+    index: int
+    src: tuple[InstanceId, BlockId]
+    dst: tuple[InstanceId, BlockId]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStep:
+    """One instance's share of an engine step."""
+
+    instance_id: InstanceId
+    num_seqs: int  # requests with a chunk on this instance this step
+    num_tokens: int  # tokens its worker ran: prefill, decode and recompute
+    seconds: float  # its worker's execute time (measured; modelled by a simulated executor)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """What one engine step did, read from `ClusterEngine.last_step` by benchmarks and metrics.
+
+    Times come from the engine's clock (wall clock by default, virtual in a simulation)."""
+
+    index: int
+    start_s: float
+    end_s: float
+    instances: tuple[InstanceStep, ...]
+    num_moves: int  # blocks moved between instances before the step (recall, migration)
+    num_preempted: int  # requests preempted (to recompute) by this step's decisions
+    num_finished: int  # requests that finished in this step
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_tokens for i in self.instances)
+
+    def parallel_seconds(self) -> float:
+        """The step's time had every instance its own device: the driver's share (everything
+        but the workers) plus the slowest instance. A model, not a measurement, when the
+        instances ran one after another in this process."""
+        workers = [i.seconds for i in self.instances]
+        return self.seconds - sum(workers) + max(workers, default=0.0)
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """A request as the engine tracks it. `num_computed_tokens` counts positions whose K/V are

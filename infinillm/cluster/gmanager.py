@@ -16,9 +16,9 @@ borrowed blocks home, keeping `recall_headroom` blocks free for their own growth
 
 from __future__ import annotations
 
-from infinillm.cluster.messages import BlockMove, Grant
+from infinillm.cluster.messages import Grant
 from infinillm.cluster.rmanager import RManager
-from infinillm.types import BlockId, InstanceId, RequestId
+from infinillm.types import BlockId, BlockMove, InstanceId, RequestId
 
 
 class GManager:

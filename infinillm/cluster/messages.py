@@ -1,10 +1,11 @@
-"""The records the control plane exchanges: grants of borrowed blocks and block moves."""
+"""The records the control plane exchanges: grants of borrowed blocks (block moves are
+`types.BlockMove`, shared with the data plane)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infinillm.types import BlockId, InstanceId, RequestId
+from infinillm.types import InstanceId
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,18 +15,3 @@ class Grant:
 
     creditor: InstanceId
     num_blocks: int
-
-
-@dataclass(frozen=True, slots=True)
-class BlockMove:
-    """Move logical block `index` of `request_id` (owned by `owner`) from `src` to `dst`.
-
-    Moves are executed in two phases: the data plane copies every source to its destination
-    (all reads before any write, so a set of moves may swap blocks), then the control plane
-    switches the tables. No step runs in between, so a block is never read mid-move."""
-
-    request_id: RequestId
-    owner: InstanceId
-    index: int
-    src: tuple[InstanceId, BlockId]
-    dst: tuple[InstanceId, BlockId]

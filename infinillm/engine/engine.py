@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from infinillm.attention import set_backend
-from infinillm.cluster import BlockMove, GManager, RManager
+from infinillm.cluster import GManager, RManager
 from infinillm.config import Config
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import Scheduler
@@ -36,6 +36,7 @@ from infinillm.model.resolve import resolve_model_path
 from infinillm.model.tokenizer import Tokenizer
 from infinillm.runtime.executor import InstanceLost, InstanceSpec, make_executor
 from infinillm.types import (
+    BlockMove,
     FinishReason,
     InstanceId,
     Request,
@@ -80,10 +81,10 @@ class ClusterEngine:
         cache = config.cache
         per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                 cache.block_size, dtype)
-        num_blocks = cache.num_blocks or cache.memory_bytes // per_block
+        num_blocks = cache.kv_blocks_per_instance or cache.kv_cache_memory_bytes // per_block
         if num_blocks < 1:
-            raise ValueError(f"kv memory budget {cache.memory_bytes} bytes holds no block of "
-                             f"{per_block} bytes")
+            raise ValueError(f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes} holds no "
+                             f"block of {per_block} bytes")
         self.num_blocks_per_instance = num_blocks
         cluster = config.cluster
         self.lending = cluster.lending and cluster.num_instances > 1
@@ -267,7 +268,7 @@ class ClusterEngine:
         """Copy the data of every move, then switch tables: no step runs in between."""
         if not moves:
             return
-        self.executor.move_blocks([(m.src[0], m.src[1], m.dst[0], m.dst[1]) for m in moves])
+        self.executor.move_blocks(moves)
         self.gmanager.apply_moves(moves)
         self.num_migrations += len(moves)
 

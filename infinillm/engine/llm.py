@@ -49,8 +49,8 @@ class LLM:
     ) -> None:
         config = Config(
             model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
-            cache=CacheConfig(block_size=block_size, num_blocks=kv_blocks_per_instance,
-                              memory_bytes=kv_cache_memory_bytes),
+            cache=CacheConfig(block_size=block_size, kv_blocks_per_instance=kv_blocks_per_instance,
+                              kv_cache_memory_bytes=kv_cache_memory_bytes),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens),
             runtime=RuntimeConfig(attention_backend=attention_backend, num_threads=num_threads,

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from infinillm.kvcache import KVStorage
-from infinillm.runtime.fabric import Fabric, Move, Partial, nbytes, serve
+from infinillm.runtime.fabric import Fabric, Partial, nbytes, serve
 from infinillm.runtime.traffic import RemoteWork
-from infinillm.types import InstanceId
+from infinillm.types import BlockMove, InstanceId
 
 
 class DistFabric(Fabric):
@@ -138,13 +138,14 @@ class DistFabric(Fabric):
 
     # ---- block moves ----------------------------------------------------------------------
 
-    def move_blocks(self, moves: list[Move]) -> None:
+    def move_blocks(self, moves: list[BlockMove]) -> None:
         """Run this instance's part of a set of moves; every instance named in `moves` calls
         this with the same list."""
         me = self.me
         outgoing: dict[InstanceId, list[torch.Tensor]] = {}
         local = []
-        for src, block, dst, dst_block in moves:
+        for move in moves:
+            (src, block), (dst, dst_block) = move.src, move.dst
             if src != me:
                 continue
             k, v = self.storage.read_block(block)
@@ -154,7 +155,8 @@ class DistFabric(Fabric):
                 outgoing.setdefault(dst, []).extend([k.reshape(-1), v.reshape(-1)])
         block_numel = self.storage.keys[:, :, 0].numel()
         incoming: dict[InstanceId, list[int]] = {}
-        for src, _, dst, dst_block in moves:
+        for move in moves:
+            (src, _), (dst, dst_block) = move.src, move.dst
             if dst == me and src != me:
                 incoming.setdefault(src, []).append(dst_block)
         sends = [(torch.cat(parts), dst) for dst, parts in outgoing.items()]
@@ -169,5 +171,5 @@ class DistFabric(Fabric):
                 local.append((dst_block, k, v))
         for dst_block, k, v in local:
             self.storage.write_block(dst_block, k, v)
-        self.stats.blocks_moved += sum(1 for m in moves if m[0] == me)
+        self.stats.blocks_moved += sum(1 for m in moves if m.src[0] == me)
         self.stats.bytes_sent += sum(nbytes(t) for t, _ in sends)

@@ -17,9 +17,9 @@ import torch
 
 from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel, ModelArch, load_state_dict
-from infinillm.runtime.fabric import FabricStats, InProcFabric, Move
+from infinillm.runtime.fabric import FabricStats, InProcFabric
 from infinillm.runtime.worker import Worker
-from infinillm.types import InstanceId, RequestId, StepPlan
+from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
 
 
 class InstanceLost(RuntimeError):
@@ -59,7 +59,7 @@ class Executor(ABC):
         """Run one step on every instance that has a plan; raises InstanceLost."""
 
     @abstractmethod
-    def move_blocks(self, moves: list[Move]) -> None:
+    def move_blocks(self, moves: list[BlockMove]) -> None:
         """Copy blocks between instances' storages (all reads before any write)."""
 
     @abstractmethod
@@ -92,7 +92,7 @@ class InProcExecutor(Executor):
         self.fabric.stats.execute_seconds += time.perf_counter() - started
         return sampled
 
-    def move_blocks(self, moves: list[Move]) -> None:
+    def move_blocks(self, moves: list[BlockMove]) -> None:
         self.fabric.move_blocks(moves)
 
     def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:

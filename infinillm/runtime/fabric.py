@@ -22,10 +22,9 @@ import torch
 from infinillm.attention import blocks_attention
 from infinillm.kvcache import KVStorage
 from infinillm.runtime.traffic import RemoteWork
-from infinillm.types import BlockId, InstanceId
+from infinillm.types import BlockMove, InstanceId
 
 Partial = tuple[torch.Tensor, torch.Tensor]  # (out [Lq, Hq, D], lse [Hq, Lq] float32)
-Move = tuple[InstanceId, BlockId, InstanceId, BlockId]  # src instance, src block, dst, dst block
 
 
 @dataclass(slots=True)
@@ -89,8 +88,8 @@ class Fabric(ABC):
         items. q [T, Hq, D], k/v [T, Hkv, D] are `me`'s whole step batch (rows as in work)."""
 
     @abstractmethod
-    def move_blocks(self, moves: list[Move]) -> None:
-        """Copy (src instance, src block) -> (dst instance, dst block), every layer."""
+    def move_blocks(self, moves: list[BlockMove]) -> None:
+        """Copy every move's `src` block to its `dst` block, every layer."""
 
 
 class InProcFabric(Fabric):
@@ -118,8 +117,8 @@ class InProcFabric(Fabric):
         return results
 
     def move_blocks(self, moves):
-        data = [self.storages[src].read_block(block) for src, block, _, _ in moves]
-        for (_, _, dst, block), (k, v) in zip(moves, data):
-            self.storages[dst].write_block(block, k, v)
+        data = [self.storages[m.src[0]].read_block(m.src[1]) for m in moves]
+        for m, (k, v) in zip(moves, data):
+            self.storages[m.dst[0]].write_block(m.dst[1], k, v)
         self.stats.blocks_moved += len(moves)
         self.stats.bytes_sent += sum(nbytes(k, v) for k, v in data)

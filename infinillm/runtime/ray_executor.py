@@ -16,9 +16,9 @@ import socket
 import time
 
 from infinillm.runtime.executor import Executor, InstanceLost, InstanceSpec, build_worker
-from infinillm.runtime.fabric import FabricStats, Move
+from infinillm.runtime.fabric import FabricStats
 from infinillm.runtime.traffic import RemoteWork, order_chunks, remote_work
-from infinillm.types import InstanceId, RequestId, StepPlan
+from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
 
 logger = logging.getLogger("infinillm")
 
@@ -62,7 +62,7 @@ class InstanceActor:
             self.fabric.begin_step(plan.instance_id, {})
             self.fabric.stats.execute_seconds += time.perf_counter() - started
 
-    def move_blocks(self, moves: list[Move]) -> bool:
+    def move_blocks(self, moves: list[BlockMove]) -> bool:
         self.fabric.move_blocks(moves)
         return True
 
@@ -137,8 +137,8 @@ class RayExecutor(Executor):
             sampled.update(result)
         return sampled
 
-    def move_blocks(self, moves: list[Move]) -> None:
-        involved = {m[0] for m in moves} | {m[2] for m in moves}
+    def move_blocks(self, moves: list[BlockMove]) -> None:
+        involved = {m.src[0] for m in moves} | {m.dst[0] for m in moves}
         self._gather({i: self.actors[i].move_blocks.remote(moves) for i in involved})
 
     def _gather(self, calls: dict[InstanceId, object]) -> dict[InstanceId, object]:
