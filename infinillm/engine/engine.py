@@ -39,11 +39,13 @@ from infinillm.types import (
     BlockMove,
     FinishReason,
     InstanceId,
+    InstanceStep,
     Request,
     RequestId,
     RequestOutput,
     RequestStatus,
     SamplingParams,
+    StepRecord,
 )
 
 logger = logging.getLogger("infinillm")
@@ -97,6 +99,8 @@ class ClusterEngine:
         self.instances = [self._make_instance(i, num_blocks) for i in ids]
         self.num_migrations = 0
         self.num_standstills = 0
+        self.num_steps = 0
+        self.last_step: StepRecord | None = None
         self.streams: dict[RequestId, OutputStream] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()  # admission order, for "newest" decisions
@@ -204,6 +208,8 @@ class ClusterEngine:
     def step(self) -> list[RequestOutput]:
         """One recall -> schedule -> run -> update round; returns the requests that made
         progress."""
+        started = time.perf_counter()
+        migrations = self.num_migrations
         if self.lending:
             for inst in self.instances:
                 inst.rmanager.queue_demand = inst.scheduler.head_demand()
@@ -214,12 +220,19 @@ class ClusterEngine:
         if self.lending and not any(p.chunks for p in plans):
             self._break_standstill()
         try:
-            sampled = self.executor.execute(plans)
+            result = self.executor.execute(plans)
         except InstanceLost as lost:
             logger.warning("%s; recomputing its requests on the others", lost)
             self._lose_instances(lost.instances)
             return []
-        return self._update(plans, sampled)
+        outputs = self._update(plans, result.sampled)
+        self.last_step = StepRecord(
+            self.num_steps, started, time.perf_counter(),
+            tuple(InstanceStep(p.instance_id, len(p.chunks), p.num_tokens,
+                               result.seconds.get(p.instance_id, 0.0)) for p in plans),
+            self.num_migrations - migrations, 0, sum(o.finished for o in outputs))
+        self.num_steps += 1
+        return outputs
 
     def _update(self, plans, sampled: dict[RequestId, int]) -> list[RequestOutput]:
         outputs = []

@@ -53,9 +53,18 @@ def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
     return Worker(iid, model, storage, fabric)
 
 
+@dataclass(slots=True)
+class StepResult:
+    """What an executor returns for one step: the sampled token of every request that
+    sampled, and each instance's execute seconds (measured, or modelled by a simulator)."""
+
+    sampled: dict[RequestId, int]
+    seconds: dict[InstanceId, float]
+
+
 class Executor(ABC):
     @abstractmethod
-    def execute(self, plans: list[StepPlan]) -> dict[RequestId, int]:
+    def execute(self, plans: list[StepPlan]) -> StepResult:
         """Run one step on every instance that has a plan; raises InstanceLost."""
 
     @abstractmethod
@@ -84,13 +93,14 @@ class InProcExecutor(Executor):
         for iid, worker in self.workers.items():
             self.fabric.register(iid, worker.storage)
 
-    def execute(self, plans: list[StepPlan]) -> dict[RequestId, int]:
-        started = time.perf_counter()
-        sampled: dict[RequestId, int] = {}
+    def execute(self, plans: list[StepPlan]) -> StepResult:
+        result = StepResult({}, {})
         for plan in plans:
-            sampled.update(self.workers[plan.instance_id].execute(plan))
-        self.fabric.stats.execute_seconds += time.perf_counter() - started
-        return sampled
+            started = time.perf_counter()
+            result.sampled.update(self.workers[plan.instance_id].execute(plan))
+            result.seconds[plan.instance_id] = time.perf_counter() - started
+        self.fabric.stats.execute_seconds += sum(result.seconds.values())
+        return result
 
     def move_blocks(self, moves: list[BlockMove]) -> None:
         self.fabric.move_blocks(moves)

@@ -15,7 +15,13 @@ import os
 import socket
 import time
 
-from infinillm.runtime.executor import Executor, InstanceLost, InstanceSpec, build_worker
+from infinillm.runtime.executor import (
+    Executor,
+    InstanceLost,
+    InstanceSpec,
+    StepResult,
+    build_worker,
+)
 from infinillm.runtime.fabric import FabricStats
 from infinillm.runtime.traffic import RemoteWork, order_chunks, remote_work
 from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
@@ -53,14 +59,18 @@ class InstanceActor:
         self.fabric.connect(init_method, ranks, timeout_s)
         return True
 
-    def execute(self, plan: StepPlan, incoming: dict[InstanceId, RemoteWork]):
+    def execute(self, plan: StepPlan,
+                incoming: dict[InstanceId, RemoteWork]) -> tuple[dict[RequestId, int], float]:
+        """The sampled tokens and this actor's execute seconds."""
         started = time.perf_counter()
         self.fabric.begin_step(plan.instance_id, incoming)
         try:
-            return self.worker.execute(plan)
+            sampled = self.worker.execute(plan)
         finally:
             self.fabric.begin_step(plan.instance_id, {})
-            self.fabric.stats.execute_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.fabric.stats.execute_seconds += seconds
+        return sampled, seconds
 
     def move_blocks(self, moves: list[BlockMove]) -> bool:
         self.fabric.move_blocks(moves)
@@ -119,7 +129,7 @@ class RayExecutor(Executor):
 
     # ---- steps ----------------------------------------------------------------------------
 
-    def execute(self, plans: list[StepPlan]) -> dict[RequestId, int]:
+    def execute(self, plans: list[StepPlan]) -> StepResult:
         incoming: dict[InstanceId, dict[InstanceId, RemoteWork]] = {i: {} for i in self.actors}
         for plan in plans:
             chunks, num_padded = order_chunks(plan.instance_id, plan.chunks)
@@ -132,10 +142,11 @@ class RayExecutor(Executor):
             plan = by_id.get(iid, StepPlan(iid))
             if plan.chunks or incoming[iid]:
                 calls[iid] = actor.execute.remote(plan, incoming[iid])
-        sampled: dict[RequestId, int] = {}
-        for result in self._gather(calls).values():
-            sampled.update(result)
-        return sampled
+        result = StepResult({}, {})
+        for iid, (sampled, seconds) in self._gather(calls).items():
+            result.sampled.update(sampled)
+            result.seconds[iid] = seconds
+        return result
 
     def move_blocks(self, moves: list[BlockMove]) -> None:
         involved = {m.src[0] for m in moves} | {m.dst[0] for m in moves}
