@@ -1,7 +1,24 @@
-"""Cluster control plane: per-instance RManager, the GManager's ledger, and their messages."""
+"""Cluster control plane: per-instance RManager, the GManager's ledger, and the rebalancer that
+takes the cluster-wide decisions between steps (block moves, standstills, instance loss)."""
 
 from infinillm.cluster.gmanager import GManager
 from infinillm.cluster.messages import Grant
+from infinillm.cluster.rebalancer import (
+    Demand,
+    InstanceView,
+    Rebalancer,
+    Settlement,
+    choose_victim,
+)
 from infinillm.cluster.rmanager import RManager
 
-__all__ = ["GManager", "Grant", "RManager"]
+__all__ = [
+    "Demand",
+    "GManager",
+    "Grant",
+    "InstanceView",
+    "RManager",
+    "Rebalancer",
+    "Settlement",
+    "choose_victim",
+]

@@ -1,14 +1,19 @@
 """RManager: one instance's rBlocks and the block tables of the requests it owns.
 
-The scheduler talks to it only through request-level calls (`allocate_slots`, `free`).
-Allocation is local first; when the local pool runs short and lending is on, the RManager asks
-the GManager to reserve blocks on creditors and then asks each creditor's RManager to `lend`
-them. A creditor serves a loan from its own free blocks only and refuses what it cannot serve
-or what would pass its lending cap, so borrowing never chains. An allocation is all or nothing.
+Everything goes through request-level calls; no other class touches its pool or tables.
+- As an owner: `allocate_slots` grows a request's table (local blocks first; the rest borrowed
+  through the GManager's ledger, all or nothing), `free` gives every block back, local and lent.
+- As a creditor: `lend` serves a loan from its own free blocks only, within its lending cap and
+  after the blocks its own queue needs (`keep_free`, an argument from the ledger), so borrowing
+  never chains; `take_back` receives a repayment.
+- For a block move (recall, migration): `claim` reserves a destination block, `set_block` points
+  the owner's table at it, `hand_over` passes a used block to another request (a swap), and
+  `release` frees the source.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from infinillm.kvcache import BlockPool, BlockTable, blocks_needed
@@ -17,109 +22,171 @@ from infinillm.types import BlockId, InstanceId, RequestId
 if TYPE_CHECKING:
     from infinillm.cluster.gmanager import GManager
 
+Location = tuple[InstanceId, BlockId]
+
 
 class RManager:
     def __init__(self, instance_id: InstanceId, num_blocks: int, block_size: int,
-                 max_lent_blocks: int = 0) -> None:
+                 max_lent_blocks: int = 0, ledger: GManager | None = None) -> None:
         self.instance_id = instance_id
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, instance_id)
         self.max_lent_blocks = max_lent_blocks
-        self.tables: dict[RequestId, BlockTable] = {}
-        self.gmanager: GManager | None = None  # set by GManager.register when lending is on
-        # Set by the engine each step from the scheduler's queue: blocks not to lend out, and
-        # lent blocks this instance wants back for its own queue.
-        self.queue_demand = 0
-        self.reclaim_wanted = 0
+        self._pool = BlockPool(num_blocks, instance_id)
+        self._tables: dict[RequestId, BlockTable] = {}
+        self._ledger = ledger  # None: this instance neither borrows nor lends
 
     @property
     def num_free_blocks(self) -> int:
-        return self.pool.num_free
+        return self._pool.num_free
 
     @property
     def num_blocks(self) -> int:
-        return self.pool.num_blocks
+        return self._pool.num_blocks
 
     @property
     def num_lent_blocks(self) -> int:
-        return self.pool.num_lent
+        return self._pool.num_lent
 
-    @property
-    def num_lendable_blocks(self) -> int:
-        """Free blocks that may go to others: within the cap, after the own queue's needs."""
-        return max(0, min(self.pool.num_free - self.queue_demand,
-                          self.max_lent_blocks - self.pool.num_lent))
+    def num_lendable_blocks(self, keep_free: int = 0) -> int:
+        """Free blocks that may go to others: within the cap, after `keep_free` for the own
+        queue."""
+        return max(0, min(self._pool.num_free - keep_free,
+                          self.max_lent_blocks - self._pool.num_lent))
 
     def num_available_blocks(self) -> int:
         """Blocks this instance could get now: its free ones plus what creditors may lend."""
-        if self.gmanager is None:
-            return self.pool.num_free
-        return self.pool.num_free + self.gmanager.lendable_elsewhere(self.instance_id)
+        if self._ledger is None:
+            return self._pool.num_free
+        return self._pool.num_free + self._ledger.lendable_elsewhere(self.instance_id)
 
     def num_borrowed_blocks(self) -> int:
-        return sum(len(t) - len(t.blocks_on(self.instance_id)) for t in self.tables.values())
+        return sum(len(t) - len(t.blocks_on(self.instance_id)) for t in self._tables.values())
 
     # ---- the owner side -------------------------------------------------------------------
 
     def allocate_slots(self, request_id: RequestId, num_tokens: int) -> bool:
         """Grow the request's table to hold positions [0, num_tokens); False, and nothing
         taken, when neither the local pool nor the creditors have the blocks."""
-        table = self.tables.get(request_id)
+        table = self._tables.get(request_id)
         need = blocks_needed(num_tokens, self.block_size) - (len(table) if table else 0)
         if need <= 0:
             return True
-        local = min(need, self.pool.num_free)
+        local = min(need, self._pool.num_free)
         borrowed: list[tuple[InstanceId, list[BlockId]]] = []
         if local < need:
-            if self.gmanager is None:
+            if self._ledger is None:
                 return False
-            borrowed = self.gmanager.borrow(self.instance_id, request_id, need - local)
+            borrowed = self._ledger.borrow(self.instance_id, request_id, need - local)
             if borrowed is None:
                 return False
         if table is None:
-            table = self.tables[request_id] = BlockTable()
-        table.append(self.instance_id, self.pool.allocate(local, request_id))
+            table = self._tables[request_id] = BlockTable()
+        table.append(self.instance_id, self._pool.allocate(local, request_id))
         for creditor, blocks in borrowed:
             table.append(creditor, blocks)
         return True
 
-    def table(self, request_id: RequestId) -> BlockTable:
-        return self.tables[request_id]
+    def tokens_that_fit(self, request_id: RequestId, num_computed_tokens: int) -> int:
+        """New tokens the request could take now: the rest of its table and the local free
+        blocks (not what creditors may lend)."""
+        table = self._tables.get(request_id)
+        held = len(table) * self.block_size if table is not None else 0
+        return held - num_computed_tokens + self._pool.num_free * self.block_size
+
+    def block_locations(self, request_id: RequestId) -> list[Location]:
+        """The request's table in logical order: (holder instance, block) pairs (a copy)."""
+        return list(self._tables[request_id].entries)
+
+    def block_location(self, request_id: RequestId, index: int) -> Location:
+        return self._tables[request_id].entries[index]
+
+    def request_ids(self) -> list[RequestId]:
+        """Requests that hold blocks here as their owner."""
+        return list(self._tables)
+
+    def holds_blocks_on(self, request_id: RequestId, instance: InstanceId) -> bool:
+        table = self._tables.get(request_id)
+        return table is not None and instance in table.instances()
+
+    def remote_entries(self, holder: InstanceId | None = None
+                       ) -> Iterator[tuple[RequestId, int, Location]]:
+        """(request, logical index, (holder, block)) of this owner's blocks held elsewhere
+        (on `holder` only, when given), in table order."""
+        for rid, table in self._tables.items():
+            for index, (where, block) in enumerate(table.entries):
+                if where != self.instance_id and (holder is None or where == holder):
+                    yield rid, index, (where, block)
 
     def free(self, request_id: RequestId) -> None:
         """Free every block of a request: local ones here, borrowed ones at their creditors."""
-        table = self.tables.pop(request_id, None)
+        table = self._tables.pop(request_id, None)
         if table is None:
             return
-        self.pool.free(table.blocks_on(self.instance_id))
+        self._pool.free(table.blocks_on(self.instance_id))
         for creditor in table.instances() - {self.instance_id}:
-            self.gmanager.repay(self.instance_id, creditor, request_id,
-                                table.blocks_on(creditor))
+            self._ledger.repay(self.instance_id, creditor, request_id,
+                               table.blocks_on(creditor))
+
+    def set_block(self, request_id: RequestId, index: int, location: Location) -> None:
+        """Point logical block `index` at `location` (a move's table switch)."""
+        self._tables[request_id].entries[index] = location
 
     # ---- the creditor side ----------------------------------------------------------------
 
-    def lend(self, request_id: RequestId, n: int, debtor: InstanceId) -> list[BlockId] | None:
-        """Serve a loan from the local pool only; None when it would pass the cap or the pool."""
-        if n > self.num_lendable_blocks:
+    def lend(self, request_id: RequestId, n: int, debtor: InstanceId,
+             keep_free: int = 0) -> list[BlockId] | None:
+        """Serve a loan from the local pool only; None when it would pass the cap or eat into
+        the `keep_free` blocks the own queue needs."""
+        if n > self.num_lendable_blocks(keep_free):
             return None
-        return self.pool.allocate(n, request_id, owner=debtor)
+        return self._pool.allocate(n, request_id, owner=debtor)
+
+    def take_back(self, blocks: list[BlockId]) -> None:
+        """Blocks a debtor gives back (repayment, or a refused borrow undone)."""
+        self._pool.free(blocks)
+
+    # ---- block moves ----------------------------------------------------------------------
+
+    def claim(self, request_id: RequestId, owner: InstanceId,
+              keep_free: int = 0) -> BlockId | None:
+        """Reserve one block here as the destination of a move of `owner`'s request: a block
+        of the own pool when this is the owner, else a loan. None when there is none."""
+        if owner == self.instance_id:
+            blocks = self._pool.allocate(1, request_id)
+        else:
+            blocks = self.lend(request_id, 1, owner, keep_free)
+        return None if blocks is None else blocks[0]
+
+    def hand_over(self, block: BlockId, request_id: RequestId, owner: InstanceId) -> None:
+        """Make a used block belong to `owner`'s `request_id` (the far side of a swap); a no-op
+        when it already does."""
+        if self._pool.holder(block) != (request_id, owner):
+            self._pool.reassign(block, request_id, owner)
+
+    def release(self, blocks: list[BlockId]) -> None:
+        """Free the sources of completed moves."""
+        self._pool.free(blocks)
 
     # ---- checks ---------------------------------------------------------------------------
 
+    def lent_blocks(self) -> dict[tuple[InstanceId, RequestId], int]:
+        """Blocks lent out, per (owner instance, request)."""
+        return self._pool.lent_blocks()
+
     def check_integrity(self) -> None:
-        self.pool.check_integrity()
-        own = [(rid, b) for rid, t in self.tables.items() for b in t.blocks_on(self.instance_id)]
+        self._pool.check_integrity()
+        own = [(rid, b) for rid, t in self._tables.items() for b in t.blocks_on(self.instance_id)]
         if len({b for _, b in own}) != len(own):
             raise RuntimeError(f"instance {self.instance_id}: a block is in two tables")
         for rid, block in own:
-            if self.pool.holder(block) != (rid, self.instance_id):
+            if self._pool.holder(block) != (rid, self.instance_id):
                 raise RuntimeError(f"instance {self.instance_id}: block {block} is in {rid}'s "
-                                   f"table but held by {self.pool.holder(block)}")
-        if len(own) + self.pool.num_lent != self.pool.num_used:
+                                   f"table but held by {self._pool.holder(block)}")
+        if len(own) + self._pool.num_lent != self._pool.num_used:
             raise RuntimeError(
                 f"instance {self.instance_id}: tables hold {len(own)} local blocks and "
-                f"{self.pool.num_lent} are lent, but the pool has {self.pool.num_used} used"
+                f"{self._pool.num_lent} are lent, but the pool has {self._pool.num_used} used"
             )
-        if self.pool.num_lent > self.max_lent_blocks:
-            raise RuntimeError(f"instance {self.instance_id}: {self.pool.num_lent} blocks lent, "
-                               f"cap {self.max_lent_blocks}")
+        if self._pool.num_lent > self.max_lent_blocks:
+            raise RuntimeError(f"instance {self.instance_id}: {self._pool.num_lent} blocks "
+                               f"lent, cap {self.max_lent_blocks}")

@@ -60,7 +60,7 @@ class LLM:
             cluster=ClusterConfig(num_instances=num_instances, lending=lending,
                                   max_lent_fraction=max_lent_fraction),
         )
-        self.engine = ClusterEngine(config)
+        self.engine = ClusterEngine.from_config(config)
 
     def shutdown(self) -> None:
         """Stop the instances (Ray actors and their processes, if any). Idempotent."""

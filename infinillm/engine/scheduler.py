@@ -5,16 +5,21 @@ takes one token, a request still prefilling takes the next chunk of its prompt. 
 are then admitted, oldest first, while budget, the sequence limit and blocks allow. When a running
 request needs a block and none is free: a prefill chunk is cut to the blocks there are, or waits
 while other requests decode; otherwise the request cheapest to recompute among it and the newer
-ones is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed from its prompt and the tokens it already produced.
+ones (`choose_victim`, the engine's one victim policy) is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed from its prompt and the tokens it already
+produced.
+
+`schedule()` returns one typed result: the plan for the worker, the requests it preempted, and
+the requests that ended because the pool can never hold them (without lending).
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from dataclasses import dataclass, field
 
-from infinillm.cluster import RManager
+from infinillm.cluster import Demand, RManager, choose_victim
 from infinillm.config import SchedulerConfig
 from infinillm.kvcache import blocks_needed
 from infinillm.types import (
@@ -29,9 +34,18 @@ from infinillm.types import (
 
 class _Room(enum.Enum):
     READY = "ready"  # blocks allocated
-    GONE = "gone"  # the request left `running` (preempted, or finished out of blocks)
+    GONE = "gone"  # the request left `running` (preempted, or ended out of blocks)
     STALLED = "stalled"  # no blocks this step; it stays running and waits
     HELD = "held"  # a prefill with no blocks this step, waiting on decodes to finish
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One instance's scheduling decisions for a step."""
+
+    plan: StepPlan
+    preempted: list[Request] = field(default_factory=list)  # back in the queue, to recompute
+    ended: list[Request] = field(default_factory=list)  # the pool can never hold them: "length"
 
 
 class Scheduler:
@@ -39,79 +53,73 @@ class Scheduler:
                  can_wait: bool = False):
         self.instance_id = instance_id
         # When blocks can come from other instances, a request that finds none waits rather
-        # than ending: see ClusterEngine's standstill rule.
+        # than ending: the rebalancer breaks a cluster-wide standstill.
         self.can_wait = can_wait
-        self.stalled: list[Request] = []
         self.config = config
         self.rmanager = rmanager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # requests that outgrew the whole pool; the engine finishes them with reason "length"
-        self.out_of_blocks: list[Request] = []
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def queue_demand(self) -> int:
-        """Blocks the waiting requests need to start (their prompts and tokens so far)."""
+    def queued_blocks(self) -> int:
+        """Blocks the whole queue needs to start (prompts and tokens so far): what routing
+        counts against this instance's free blocks."""
         bs = self.rmanager.block_size
         return sum(blocks_needed(r.num_tokens + 1, bs) for r in self.waiting)
 
-    def head_demand(self) -> int:
-        """Blocks the first waiting request needs, if the local pool can give them now: what
-        this instance should not lend this step. (A head that needs more will borrow anyway;
-        holding blocks back for it would only starve the borrowers it waits for.)"""
+    def demand(self) -> Demand:
+        """What the queue head asks of the cluster: the free blocks it needs, if the local pool
+        can give them now (not to be lent this step; a head that needs more borrows anyway, and
+        holding blocks back for it would only starve the borrowers it waits for); and the lent
+        blocks it needs back to start locally, when those would be enough."""
         if not self.waiting:
-            return 0
-        need = blocks_needed(self.waiting[0].num_tokens + 1, self.rmanager.block_size)
-        return need if need <= self.rmanager.num_free_blocks else 0
-
-    def reclaim_demand(self) -> int:
-        """Lent blocks this instance needs back to admit its first waiting request locally;
-        0 when it has enough free, or when even all its lent blocks would not be enough."""
-        if not self.waiting:
-            return 0
+            return Demand()
         rm = self.rmanager
-        need = blocks_needed(self.waiting[0].num_tokens + 1, rm.block_size) - rm.num_free_blocks
-        return need if 0 < need <= rm.num_lent_blocks else 0
+        need = blocks_needed(self.waiting[0].num_tokens + 1, rm.block_size)
+        keep = need if need <= rm.num_free_blocks else 0
+        short = need - rm.num_free_blocks
+        return Demand(keep, short if 0 < short <= rm.num_lent_blocks else 0)
 
     def add(self, request: Request) -> None:
         request.instance_id = self.instance_id
         self.waiting.append(request)
 
-    def remove(self, request: Request) -> None:
-        """Drop a request (finished or aborted) and free its blocks."""
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted request and free its blocks (no-op if already gone)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
         self.rmanager.free(request.request_id)
 
-    def schedule(self) -> StepPlan:
-        plan = StepPlan(self.instance_id)
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(StepPlan(self.instance_id))
+        plan = out.plan
         budget = self.config.max_num_batched_tokens
-        preempted = held = False
-        self.stalled = []
+        preempted = held = stalled = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            room, num_new = self._make_room(request, num_new)
+            room, num_new = self._make_room(request, num_new, out)
             if room is _Room.READY:
                 plan.chunks.append(self._chunk(request, num_new))
                 budget -= num_new
                 i += 1
             elif room is _Room.STALLED:
-                self.stalled.append(request)
+                stalled = True
                 i += 1
             elif room is _Room.HELD:
                 held = True
                 i += 1
             else:  # `request` or newer ones left `running`: index i holds the next one
                 preempted = True
-        while self.waiting and budget > 0 and not (preempted or held or self.stalled):
+        while self.waiting and budget > 0 and not (preempted or held or stalled):
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
@@ -131,9 +139,10 @@ class Scheduler:
             self.running.append(request)
             plan.chunks.append(self._chunk(request, num_new))
             budget -= num_new
-        return plan
+        return out
 
-    def _make_room(self, request: Request, num_new: int) -> tuple[_Room, int]:
+    def _make_room(self, request: Request, num_new: int,
+                   out: SchedulerOutput) -> tuple[_Room, int]:
         """Allocate blocks for `request`'s next chunk, preempting newer requests if needed;
         the outcome and the chunk's tokens.
 
@@ -144,14 +153,14 @@ class Scheduler:
         """
         target = request.num_computed_tokens + num_new
         while not self.rmanager.allocate_slots(request.request_id, target):
-            fits = self._tokens_that_fit(request)
+            # What a creditor may lend is left out: a whole chunk already failed to borrow it.
+            fits = self.rmanager.tokens_that_fit(request.request_id, request.num_computed_tokens)
             if 0 < fits < num_new:
                 num_new, target = fits, request.num_computed_tokens + fits
                 continue
             # Among this request and the newer ones (not yet planned this step), give way
             # the one whose recompute costs least; the newest on ties.
-            later = self.running[self.running.index(request):]
-            victim = min(reversed(later), key=lambda r: r.num_computed_tokens)
+            victim = choose_victim(self.running[self.running.index(request):])
             if victim is request and num_new > 1 and any(
                     r.num_computed_tokens >= r.num_tokens - 1 for r in self.running):
                 # A prefill that would give way to nobody but itself: keep what it computed
@@ -160,27 +169,19 @@ class Scheduler:
                 return _Room.HELD, num_new
             if victim is request and len(self.running) == 1:
                 # Alone here, nothing to preempt. With lending, blocks freed elsewhere may come:
-                # wait (the engine breaks a cluster-wide standstill). Without, the pool can
+                # wait (the rebalancer breaks a cluster-wide standstill). Without, the pool can
                 # never hold this request: it ends.
                 if self.can_wait:
                     return _Room.STALLED, num_new
-                self.running.remove(request)
-                self.rmanager.free(request.request_id)
+                self.finish(request)
                 request.finish_reason = FinishReason.LENGTH
-                self.out_of_blocks.append(request)
+                out.ended.append(request)
                 return _Room.GONE, num_new
             self.preempt(victim)
+            out.preempted.append(victim)
             if victim is request:
                 return _Room.GONE, num_new
         return _Room.READY, num_new
-
-    def _tokens_that_fit(self, request: Request) -> int:
-        """New tokens `request` could take now: the rest of its table and the local free blocks
-        (what a creditor may lend is left out: a whole chunk already failed to borrow it)."""
-        table = self.rmanager.tables.get(request.request_id)
-        held = len(table) * self.rmanager.block_size if table is not None else 0
-        return held - request.num_computed_tokens + self.rmanager.pool.num_free * \
-            self.rmanager.block_size
 
     def preempt(self, request: Request) -> None:
         """Free a running request's blocks and queue it first, to be recomputed."""
@@ -204,7 +205,7 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=tokens,
             start_pos=start,
-            blocks=list(self.rmanager.table(request.request_id).entries),
+            blocks=self.rmanager.block_locations(request.request_id),
             sample=end == request.num_tokens,
             params=request.params,
             num_output_tokens=len(request.output_token_ids),

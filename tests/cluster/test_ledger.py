@@ -1,25 +1,37 @@
-"""The control plane alone: GManager + RManagers, exact block ids, refusals, conservation."""
+"""The control plane alone: GManager + RManagers + Rebalancer, exact block ids, refusals,
+conservation."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinillm.cluster import GManager, RManager
+from infinillm.cluster import Demand, GManager, Rebalancer, RManager
 from infinillm.kvcache import blocks_needed
 from infinillm.types import InstanceId, RequestId
 
 A, B, C = InstanceId(0), InstanceId(1), InstanceId(2)
 
 
-def cluster(num_instances: int, num_blocks: int, block_size: int = 4, cap: int | None = None,
-            headroom: int = 0) -> tuple[GManager, list[RManager]]:
-    gm = GManager(recall_headroom=headroom)
+def cluster(num_instances: int, num_blocks: int, block_size: int = 4,
+            cap: int | None = None) -> tuple[GManager, list[RManager]]:
+    gm = GManager()
     rms = [RManager(InstanceId(i), num_blocks, block_size,
-                    num_blocks if cap is None else cap) for i in range(num_instances)]
+                    num_blocks if cap is None else cap, gm) for i in range(num_instances)]
     for rm in rms:
         gm.register(rm)
     return gm, rms
+
+
+def plan_recall(gm: GManager, max_moves: int, reclaim: dict[InstanceId, int] | None = None,
+                headroom: int = 0):
+    """The rebalancer's block moves, with no queue keeping blocks back."""
+    demands = {i: Demand(0, (reclaim or {}).get(i, 0)) for i in gm.rmanagers}
+    return Rebalancer(gm, 16, headroom).plan_moves(demands, max_moves)
+
+
+def entries(rm: RManager, rid: str) -> list[tuple[int, int]]:
+    return rm.block_locations(RequestId(rid))
 
 
 def test_borrow_from_the_most_free_creditor_with_exact_ids():
@@ -27,13 +39,13 @@ def test_borrow_from_the_most_free_creditor_with_exact_ids():
     assert c.allocate_slots(RequestId("c1"), 4)  # c: 3 free, b: 4 free
     gm.heartbeat_all()
     assert a.allocate_slots(RequestId("r"), 24)  # 6 blocks: 4 local + 2 from b
-    assert a.table(RequestId("r")).entries == [(A, 0), (A, 1), (A, 2), (A, 3), (B, 0), (B, 1)]
+    assert entries(a, "r") == [(A, 0), (A, 1), (A, 2), (A, 3), (B, 0), (B, 1)]
     assert gm.debts == {(A, B): {RequestId("r"): 2}}
     assert b.num_lent_blocks == 2 and a.num_borrowed_blocks() == 2
     # growing again prefers the creditor that already holds this request's blocks
     gm.heartbeat_all()
     assert a.allocate_slots(RequestId("r"), 28)
-    assert a.table(RequestId("r")).entries[-1] == (B, 2)
+    assert entries(a, "r")[-1] == (B, 2)
     gm.check_integrity()
     a.free(RequestId("r"))
     c.free(RequestId("c1"))
@@ -48,7 +60,7 @@ def test_creditor_refuses_what_it_cannot_serve_and_nothing_is_taken():
     assert a.allocate_slots(RequestId("r"), 16)  # a's own 4 blocks
     assert not a.allocate_slots(RequestId("r"), 28)  # reserve 3 on b by the stale view; b refuses
     assert gm.num_refused_loans == 1
-    assert a.table(RequestId("r")).entries == [(A, i) for i in range(4)]
+    assert entries(a, "r") == [(A, i) for i in range(4)]
     assert b.num_free_blocks == 1 and gm.debts == {}
     gm.check_integrity()
     # after the refusal the view is fresh: one block can be borrowed, two cannot
@@ -62,7 +74,7 @@ def test_lending_cap_holds():
     assert a.allocate_slots(RequestId("r"), 32)  # a's whole pool
     assert not a.allocate_slots(RequestId("r"), 48)  # 4 more: over b's cap of 3
     assert a.allocate_slots(RequestId("r"), 44)  # 3 more: at the cap
-    assert b.num_lent_blocks == 3 and b.num_lendable_blocks == 0
+    assert b.num_lent_blocks == 3 and b.num_lendable_blocks() == 0
     assert b.lend(RequestId("y"), 1, A) is None
     assert b.allocate_slots(RequestId("b1"), 20)  # b's own requests still use its free blocks
     gm.check_integrity()
@@ -95,35 +107,35 @@ def test_recall_swaps_a_cycle():
     gm.heartbeat_all()
     assert b.allocate_slots(other, 20)  # b is full: other borrows a's blocks 2, 3
     assert gm.debt_matrix() == {(A, B): 1, (B, A): 2}
-    moves = gm.plan_recall(16)
+    moves = plan_recall(gm, 16)
     # one swap: big's block on b <-> other's first block on a; nobody has room for more
     assert [(m.request_id, m.index, m.src, m.dst) for m in moves] == [
         (big, 2, (B, 0), (A, 2)),
         (other, 3, (A, 2), (B, 0)),
     ]
     apply(gm, moves)
-    assert a.table(big).entries == [(A, 0), (A, 1), (A, 2)]
-    assert b.table(other).entries == [(B, 1), (B, 2), (B, 3), (B, 0), (A, 3)]
+    assert a.block_locations(big) == [(A, 0), (A, 1), (A, 2)]
+    assert b.block_locations(other) == [(B, 1), (B, 2), (B, 3), (B, 0), (A, 3)]
     assert gm.debts == {(B, A): {other: 1}}
 
 
 def test_recall_brings_blocks_home_within_budget_and_headroom():
-    gm, (a, b) = cluster(2, 4, headroom=1)
+    gm, (a, b) = cluster(2, 4)
     r, tmp = RequestId("r"), RequestId("tmp")
     assert a.allocate_slots(tmp, 8) and a.allocate_slots(r, 8)  # tmp 0,1; r 2,3
     gm.heartbeat_all()
     assert a.allocate_slots(r, 20)  # r borrows b's 0, 1, 2
     a.free(tmp)  # a has 2 free; with a headroom of 1, one block may come home
-    assert gm.plan_recall(0) == []
-    moves = gm.plan_recall(16)
+    assert plan_recall(gm, 0, headroom=1) == []
+    moves = plan_recall(gm, 16, headroom=1)
     assert [(m.index, m.src, m.dst) for m in moves] == [(2, (B, 0), (A, 0))]
     apply(gm, moves)
-    assert a.table(r).entries == [(A, 2), (A, 3), (A, 0), (B, 1), (B, 2)]
+    assert a.block_locations(r) == [(A, 2), (A, 3), (A, 0), (B, 1), (B, 2)]
     assert b.num_free_blocks == 2 and gm.debts == {(A, B): {r: 2}}
     # the migration primitive moves a block anywhere it fits, here from b to a's last free one
     move = gm.plan_move(A, r, 4, A)
     apply(gm, [move])
-    assert a.table(r).entries[4] == (A, 1)
+    assert a.block_locations(r)[4] == (A, 1)
     assert gm.plan_move(A, r, 4, A) is None  # already there
 
 
@@ -131,11 +143,10 @@ def test_creditor_reclaims_lent_blocks_for_its_own_queue():
     gm, (a, b, c) = cluster(3, 4)
     r = RequestId("r")
     assert b.allocate_slots(r, 24)  # 4 on b, then 2 borrowed from a (ties: lowest id)
-    assert b.table(r).entries[4:] == [(A, 0), (A, 1)]
+    assert b.block_locations(r)[4:] == [(A, 0), (A, 1)]
     gm.heartbeat_all()
-    assert gm.plan_recall(16) == []  # nobody wants anything back
-    a.reclaim_wanted = 2  # a's own queue needs the two blocks it lent
-    moves = gm.plan_recall(16)
+    assert plan_recall(gm, 16) == []  # nobody wants anything back
+    moves = plan_recall(gm, 16, {A: 2})  # a's own queue needs the two blocks it lent
     # b is full, so they go to c, which has the most room; never back to a
     assert [(m.index, m.src, m.dst) for m in moves] == [(4, (A, 0), (C, 0)), (5, (A, 1), (C, 1))]
     apply(gm, moves)
@@ -149,7 +160,7 @@ def test_creditor_reclaims_lent_blocks_for_its_own_queue():
                 max_size=50),
        st.integers(0, 6))
 def test_conservation_under_random_operations(ops, cap):
-    gm, rms = cluster(3, 6, block_size=4, cap=cap, headroom=1)
+    gm, rms = cluster(3, 6, block_size=4, cap=cap)
     lengths: dict[RequestId, int] = {}
     owner_of: dict[RequestId, RManager] = {}
     for op, inst, who, n in ops:
@@ -167,17 +178,17 @@ def test_conservation_under_random_operations(ops, cap):
             lengths.pop(rid, None)
             owner_of.pop(rid, None)
         elif op == "recall":
-            rms[inst].reclaim_wanted = who  # sometimes a creditor wants blocks back
-            gm.apply_moves(gm.plan_recall(n))
+            # sometimes a creditor wants blocks back
+            gm.apply_moves(plan_recall(gm, n, {InstanceId(inst): who}, headroom=1))
         elif rid in lengths:  # migrate logical block n of rid to instance inst
-            index = n % len(rm.table(rid))
+            index = n % len(rm.block_locations(rid))
             move = gm.plan_move(rm.instance_id, rid, index, InstanceId(inst))
             if move is not None:
                 gm.apply_moves([move])
         gm.heartbeat_all()
         gm.check_integrity()
         for r, length in lengths.items():
-            assert len(owner_of[r].table(r)) == blocks_needed(length, 4)
+            assert len(owner_of[r].block_locations(r)) == blocks_needed(length, 4)
         assert sum(x.num_lent_blocks for x in rms) == sum(
             x.num_borrowed_blocks() for x in rms)
         assert all(x.num_lent_blocks <= cap for x in rms)

@@ -48,12 +48,12 @@ def test_block_table_and_blocks_needed():
 def test_rmanager_grows_tables_and_frees():
     rm = RManager(InstanceId(0), num_blocks=5, block_size=4)
     assert rm.allocate_slots(RequestId("a"), 5)  # 2 blocks
-    assert rm.table(RequestId("a")).block_ids() == [0, 1]
+    assert [b for _, b in rm.block_locations(RequestId("a"))] == [0, 1]
     assert rm.allocate_slots(RequestId("a"), 8)  # still 2 blocks
     assert rm.allocate_slots(RequestId("b"), 4)
-    assert rm.table(RequestId("b")).block_ids() == [2]
+    assert [b for _, b in rm.block_locations(RequestId("b"))] == [2]
     assert rm.allocate_slots(RequestId("a"), 9)
-    assert rm.table(RequestId("a")).block_ids() == [0, 1, 3]
+    assert [b for _, b in rm.block_locations(RequestId("a"))] == [0, 1, 3]
     assert not rm.allocate_slots(RequestId("b"), 12)  # needs 2 more, 1 free: nothing taken
     assert rm.num_free_blocks == 1
     rm.check_integrity()

@@ -1,0 +1,215 @@
+"""Rebalancer: every decision taken for the cluster as a whole, between two steps.
+
+Per-instance decisions (which requests run, which one gives way when its pool runs short) are
+the schedulers'. What needs the whole cluster is decided here, before the schedulers run:
+
+- **Instance loss.** Requests owned by a lost instance are orphans (recomputed elsewhere); a
+  running request with blocks on it is preempted (recomputed from its prompt and output).
+- **Standstill.** Every running request of the cluster waits for blocks that only another
+  running request can free: one of them is preempted, by the same victim policy the schedulers
+  use; a lone request that still cannot fit ends with finish_reason "length".
+- **Block moves** (our reading of the paper's DGFM), within a per-step budget: swaps that break
+  two-instance debt cycles (A holds B's blocks while B holds A's, so each side reads locally),
+  recall that brings borrowed blocks home to owners with room (keeping a headroom free for their
+  own growth), and reclaims that empty a creditor whose own queue needs the blocks it lent
+  (each block goes to the roomiest other instance). `plan_migration` is the same move primitive
+  offered to callers. Moves are planned here (destinations reserved), copied by the data plane,
+  then switched by `GManager.apply_moves`.
+
+Plain Python over ids and Request records; no tensors, no schedulers: decisions are returned
+to the engine, which applies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from infinillm.cluster.gmanager import GManager
+from infinillm.types import BlockMove, InstanceId, Request, RequestId
+
+
+def choose_victim(candidates: Sequence[Request]) -> Request:
+    """The request to preempt among `candidates` (in arrival order): the one whose recompute
+    costs least (fewest computed tokens), the newest on ties. The one victim policy of the
+    engine: schedulers and the rebalancer both use it."""
+    return min(reversed(candidates), key=lambda r: r.num_computed_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What one instance's queue asks of the cluster before a step (from its scheduler)."""
+
+    keep_free: int = 0  # free blocks not to lend out: the queue head needs them now
+    reclaim: int = 0  # lent blocks it wants back to admit its queue head locally
+
+
+@dataclass(slots=True)
+class InstanceView:
+    """The requests of one instance, as the rebalancer sees them before a step."""
+
+    instance_id: InstanceId
+    running: Sequence[Request]
+    waiting: Sequence[Request]
+
+
+@dataclass(slots=True)
+class Settlement:
+    """Request-level decisions for the engine to apply, in this order."""
+
+    orphans: list[Request] = field(default_factory=list)  # owned by lost instances: re-route
+    preempt: list[Request] = field(default_factory=list)  # recompute later
+    end: list[Request] = field(default_factory=list)  # finish with "length"
+    lost: list[InstanceId] = field(default_factory=list)  # forget once the above are applied
+
+
+class Rebalancer:
+    def __init__(self, gmanager: GManager | None, max_moves_per_step: int,
+                 recall_headroom: int) -> None:
+        self.gmanager = gmanager  # None without lending: nothing is ever away from home
+        self.max_moves_per_step = max_moves_per_step
+        self.recall_headroom = recall_headroom
+        self.num_standstills = 0
+        self.num_moves = 0
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def settle(self, instances: Sequence[InstanceView], lost: Sequence[InstanceId],
+               standstill: bool) -> Settlement:
+        """Decisions for lost instances and for a standstill seen in the last step."""
+        out = Settlement(lost=list(lost))
+        if lost:
+            self._settle_loss(instances, set(lost), out)
+        elif standstill:
+            self._settle_standstill(instances, out)
+        return out
+
+    def _settle_loss(self, instances: Sequence[InstanceView], lost: set[InstanceId],
+                     out: Settlement) -> None:
+        for view in instances:
+            if view.instance_id in lost:
+                out.orphans += [*view.running, *view.waiting]
+        if self.gmanager is None:
+            return
+        for view in instances:
+            if view.instance_id in lost:
+                continue
+            rm = self.gmanager.rmanagers[view.instance_id]
+            out.preempt += [r for r in view.running
+                            if any(rm.holds_blocks_on(r.request_id, i) for i in lost)]
+
+    def _settle_standstill(self, instances: Sequence[InstanceView], out: Settlement) -> None:
+        running = sorted((r for v in instances for r in v.running), key=lambda r: r.arrival)
+        if not running:
+            return
+        self.num_standstills += 1
+        if len(running) == 1:
+            out.end.append(running[0])
+        else:
+            out.preempt.append(choose_victim(running))
+
+    # ---- block moves ----------------------------------------------------------------------
+
+    def plan_moves(self, demands: dict[InstanceId, Demand],
+                   max_moves: int | None = None) -> list[BlockMove]:
+        """Refresh the ledger with each instance's demand, then plan this step's moves: swaps,
+        recall home, reclaims; at most `max_moves` (default `max_moves_per_step`).
+        Destinations are reserved."""
+        gm = self.gmanager
+        if gm is None:
+            return []
+        budget = self.max_moves_per_step if max_moves is None else max_moves
+        gm.heartbeat_all({i: d.keep_free for i, d in demands.items()})
+        moves = self._plan_swaps(budget)
+        moves += self._plan_recall(budget - len(moves),
+                                   {(m.request_id, m.index) for m in moves})
+        moves += self._plan_reclaims(budget - len(moves),
+                                     {(m.request_id, m.index) for m in moves},
+                                     {i: d.reclaim for i, d in demands.items()})
+        return moves
+
+    def plan_migration(self, owner: InstanceId, request_id: RequestId, index: int,
+                       dst: InstanceId) -> BlockMove | None:
+        """Move logical block `index` of a request to `dst`; None when `dst` holds it already
+        or cannot take it."""
+        if self.gmanager is None:
+            raise ValueError("migrating blocks needs lending (num_instances > 1, lending=True)")
+        return self.gmanager.plan_move(owner, request_id, index, dst)
+
+    def commit(self, moves: list[BlockMove]) -> None:
+        """Switch the control plane to moves the data plane has copied."""
+        if moves:
+            self.gmanager.apply_moves(moves)
+            self.num_moves += len(moves)
+
+    def _plan_swaps(self, budget: int) -> list[BlockMove]:
+        gm = self.gmanager
+        moves: list[BlockMove] = []
+        for a, b in sorted(gm.debts):
+            if a > b or (b, a) not in gm.debts:
+                continue
+            ours = list(gm.rmanagers[a].remote_entries(b))  # a's blocks held on b
+            theirs = list(gm.rmanagers[b].remote_entries(a))  # b's blocks held on a
+            for (ra, ia, on_b), (rb, ib, on_a) in zip(ours, theirs):
+                if len(moves) + 2 > budget:
+                    return moves
+                moves.append(BlockMove(ra, a, ia, on_b, on_a))
+                moves.append(BlockMove(rb, b, ib, on_a, on_b))
+        return moves
+
+    def _plan_recall(self, budget: int, planned: set[tuple[RequestId, int]]) -> list[BlockMove]:
+        """Owners with room above the headroom bring borrowed blocks home."""
+        gm = self.gmanager
+        moves: list[BlockMove] = []
+        for owner, rm in gm.rmanagers.items():
+            room = rm.num_free_blocks - self.recall_headroom
+            for rid, index, _ in list(rm.remote_entries()):
+                if budget <= 0 or room <= 0:
+                    break
+                if (rid, index) in planned:
+                    continue
+                move = gm.plan_move(owner, rid, index, owner)
+                if move is None:
+                    break
+                moves.append(move)
+                budget -= 1
+                room -= 1
+        return moves
+
+    def _plan_reclaims(self, budget: int, planned: set[tuple[RequestId, int]],
+                       reclaim: dict[InstanceId, int]) -> list[BlockMove]:
+        """A creditor whose own queue needs blocks it has lent gets them back: each lent block
+        moves to the instance with the most room (never back to the creditor), the borrower's
+        own pool included."""
+        gm = self.gmanager
+        moves: list[BlockMove] = []
+        for creditor in gm.rmanagers:
+            wanted = reclaim.get(creditor, 0)
+            for owner, rm in gm.rmanagers.items():
+                if owner == creditor:
+                    continue
+                for rid, index, _ in list(rm.remote_entries(creditor)):
+                    if wanted <= 0 or budget <= 0:
+                        break
+                    if (rid, index) in planned:
+                        continue
+                    dst = self._roomiest(exclude=creditor, owner=owner)
+                    move = None if dst is None else gm.plan_move(owner, rid, index, dst)
+                    if move is None:
+                        return moves
+                    moves.append(move)
+                    wanted -= 1
+                    budget -= 1
+        return moves
+
+    def _roomiest(self, exclude: InstanceId, owner: InstanceId) -> InstanceId | None:
+        """The instance other than `exclude` that can take one more block of `owner`'s."""
+        gm = self.gmanager
+
+        def room(i: InstanceId) -> int:
+            if i == owner:
+                return gm.rmanagers[i].num_free_blocks - self.recall_headroom
+            return gm.lendable_now(i)
+
+        best = max((i for i in gm.rmanagers if i != exclude), key=room, default=None)
+        return best if best is not None and room(best) > 0 else None

@@ -1,0 +1,114 @@
+"""Builder: everything the engine runs on, made from a Config.
+
+    parts = build_engine_parts(config)
+    engine = ClusterEngine(config, parts)        # or ClusterEngine.from_config(config)
+
+It resolves the model folder, reads its architecture, loads the tokenizer, sizes the KV pools
+(blocks per instance from the memory budget), starts the executor (which loads the weights), and
+wires the control plane: one RManager and Scheduler per instance, the GManager's ledger when
+lending is on, and the rebalancer. Measured facts (how many blocks fit) live here and in the
+engine, never in the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from infinillm.attention import set_backend
+from infinillm.cluster import GManager, Rebalancer, RManager
+from infinillm.config import Config
+from infinillm.engine.scheduler import Scheduler
+from infinillm.kvcache import block_bytes
+from infinillm.model import ModelArch, load_arch
+from infinillm.model.arch import config_eos_token_ids
+from infinillm.model.resolve import resolve_model_path
+from infinillm.model.tokenizer import Tokenizer
+from infinillm.runtime.executor import Executor, InstanceSpec, make_executor
+from infinillm.types import InstanceId
+
+logger = logging.getLogger("infinillm")
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class Instance:
+    """One serving instance as the engine sees it: its pool and tables, and its batch."""
+
+    instance_id: InstanceId
+    rmanager: RManager
+    scheduler: Scheduler
+
+
+@dataclass(slots=True)
+class EngineParts:
+    model_path: Path
+    arch: ModelArch
+    tokenizer: Tokenizer | None  # None: the folder has no tokenizer.json (token-id prompts)
+    eos_token_ids: set[int]
+    max_model_len: int
+    num_blocks_per_instance: int
+    lending: bool  # on, and more than one instance
+    max_lent_blocks: int  # per instance
+    instances: list[Instance]
+    gmanager: GManager | None  # None without lending
+    rebalancer: Rebalancer
+    executor: Executor
+    load_seconds: float
+
+
+def build_engine_parts(config: Config) -> EngineParts:
+    started = time.perf_counter()
+    path = resolve_model_path(config.model.model)
+    arch = load_arch(path)
+    dtype = TORCH_DTYPES[config.model.dtype]
+    set_backend(config.runtime.attention_backend)
+    if config.runtime.num_threads:
+        torch.set_num_threads(config.runtime.num_threads)
+    tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+    eos = config_eos_token_ids(path) | (set(tokenizer.eos_token_ids) if tokenizer else set())
+    max_model_len = min(arch.max_model_len, config.model.max_model_len or arch.max_model_len)
+    num_blocks = num_blocks_per_instance(config, arch, dtype)
+    cluster = config.cluster
+    lending = cluster.lending and cluster.num_instances > 1
+    max_lent = int(num_blocks * cluster.max_lent_fraction) if lending else 0
+    gmanager = GManager() if lending else None
+    ids = [InstanceId(i) for i in range(cluster.num_instances)]
+    instances = [_instance(config, i, num_blocks, max_lent, gmanager) for i in ids]
+    rebalancer = Rebalancer(gmanager, cluster.recall_blocks_per_step,
+                            int(num_blocks * cluster.recall_headroom_fraction))
+    spec = InstanceSpec(path, arch, dtype, num_blocks, config.cache.block_size,
+                        config.runtime.device)
+    executor = make_executor(config, spec, ids)
+    seconds = time.perf_counter() - started
+    logger.info("loaded %s (%s, %d layers) in %.1f s; %d instance(s) x %d blocks of %d tokens",
+                path, arch.architecture, arch.num_layers, seconds, cluster.num_instances,
+                num_blocks, config.cache.block_size)
+    return EngineParts(path, arch, tokenizer, eos, max_model_len, num_blocks, lending, max_lent,
+                       instances, gmanager, rebalancer, executor, seconds)
+
+
+def num_blocks_per_instance(config: Config, arch: ModelArch, dtype: torch.dtype) -> int:
+    """`kv_blocks_per_instance` when given, else as many blocks as the memory budget holds."""
+    cache = config.cache
+    per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.block_size,
+                            dtype)
+    num_blocks = cache.kv_blocks_per_instance or cache.kv_cache_memory_bytes // per_block
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes} holds no "
+                         f"block of {per_block} bytes")
+    return num_blocks
+
+
+def _instance(config: Config, iid: InstanceId, num_blocks: int, max_lent: int,
+              gmanager: GManager | None) -> Instance:
+    rmanager = RManager(iid, num_blocks, config.cache.block_size, max_lent, gmanager)
+    if gmanager is not None:
+        gmanager.register(rmanager)
+    scheduler = Scheduler(iid, config.scheduler, rmanager, can_wait=gmanager is not None)
+    return Instance(iid, rmanager, scheduler)

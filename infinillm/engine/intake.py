@@ -1,0 +1,103 @@
+"""Intake: what happens to a new request before any scheduler sees it.
+
+- **Validation** (`prepare`): the prompt is tokenized (or its token ids range-checked), and it
+  must fit: shorter than the model's context with room for one generated token, and no more KV
+  blocks than the cluster can give one request (its owner's pool plus what every other instance
+  may lend). Bad input raises ValueError naming the value, and nothing is queued. `prepare`
+  reads only fixed facts, so servers call it on their own thread.
+- **Admission** (`admit`): a request id (given or numbered) and its arrival order.
+- **Routing** (`route`): the instance with the most free blocks once its queue is served.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from infinillm.engine.builder import Instance
+from infinillm.kvcache import blocks_needed
+from infinillm.model.tokenizer import Tokenizer
+from infinillm.types import Request, RequestId, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    """A validated prompt, ready to be admitted."""
+
+    text: str | None  # None for a prompt given as token ids
+    token_ids: list[int]
+    params: SamplingParams
+
+
+class Intake:
+    def __init__(self, tokenizer: Tokenizer | None, model_path: Path, vocab_size: int,
+                 max_model_len: int, block_size: int, lending: bool,
+                 max_blocks_per_request: Callable[[], int]) -> None:
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.lending = lending
+        self.max_blocks_per_request = max_blocks_per_request  # shrinks if instances are lost
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    def prepare(self, prompt: str | list[int],
+                params: SamplingParams | None = None) -> PreparedPrompt:
+        """Tokenize and check a prompt without queueing it."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        self._check_fits(token_ids)
+        return PreparedPrompt(text, token_ids, params)
+
+    def admit(self, prepared: PreparedPrompt, request_id: str | None,
+              in_use: Callable[[RequestId], bool]) -> Request:
+        """A new Request for a prepared prompt; ValueError if its id is `in_use`."""
+        rid = RequestId(request_id if request_id is not None else str(next(self._ids)))
+        if in_use(rid):
+            raise ValueError(f"request id {rid!r} is already in use")
+        return Request(rid, prepared.text, prepared.token_ids, prepared.params,
+                       arrival=next(self._arrivals))
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError(f"model {str(self.model_path)!r} has no tokenizer.json; "
+                                 "pass prompts as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"prompt must be a non-empty string or token id list, got {prompt!r}")
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size}), "
+                             f"got {bad[:5]}")
+        return None, list(prompt)
+
+    def _check_fits(self, token_ids: list[int]) -> None:
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
+                             "tokens, including at least one generated token")
+        need = blocks_needed(n + 1, self.block_size)
+        limit = self.max_blocks_per_request()
+        if need > limit:
+            where = "the cluster can give one request" if self.lending else "an instance holds"
+            raise ValueError(f"prompt has {n} tokens and needs {need} KV blocks; {where} {limit}")
+
+
+def route(instances: Sequence[Instance]) -> Instance:
+    """The instance with the most free blocks once its queue is served; ties: the fewest
+    unfinished requests, then the lowest id. Counting the queue matters: requests added between
+    two steps would otherwise all go to the same instance. Free blocks are what limits a long
+    request, and a lightly loaded instance also runs a smaller batch."""
+    return max(instances, key=lambda i: (
+        i.rmanager.num_free_blocks - i.scheduler.queued_blocks(),
+        -i.scheduler.num_unfinished, -i.instance_id))

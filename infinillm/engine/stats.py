@@ -1,0 +1,44 @@
+"""A JSON-ready snapshot of the cluster: what /v1/cluster, /metrics and the live page show."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infinillm.engine.engine import ClusterEngine
+
+
+def cluster_stats(engine: ClusterEngine) -> dict:
+    """Per instance block counts, the debts, remote attention traffic, block moves and
+    preemptions."""
+    instances = []
+    for inst in engine.instances:
+        rm = inst.rmanager
+        instances.append({
+            "instance": inst.instance_id,
+            "total_blocks": rm.num_blocks,
+            "free_blocks": rm.num_free_blocks,
+            "used_blocks": rm.num_blocks - rm.num_free_blocks - rm.num_lent_blocks,
+            "lent_blocks": rm.num_lent_blocks,
+            "borrowed_blocks": rm.num_borrowed_blocks(),
+            "running": len(inst.scheduler.running),
+            "waiting": len(inst.scheduler.waiting),
+            "preemptions": inst.scheduler.num_preemptions,
+        })
+    fabric = engine.executor.fabric_stats()
+    gm = engine.gmanager
+    debts = sorted(gm.debt_matrix().items()) if gm is not None else []
+    return {
+        "lending": engine.lending,
+        "block_size": engine.config.cache.block_size,
+        "instances": instances,
+        "debts": [{"debtor": d, "creditor": c, "blocks": n} for (d, c), n in debts],
+        "remote_attention_calls": fabric.remote_attention_calls,
+        "remote_attention_items": fabric.remote_attention_items,
+        "remote_kv_writes": fabric.remote_kv_writes,
+        "remote_bytes": fabric.bytes_sent,
+        "migrations": engine.rebalancer.num_moves,
+        "refused_loans": gm.num_refused_loans if gm is not None else 0,
+        "standstills": engine.rebalancer.num_standstills,
+        "preemptions": sum(i["preemptions"] for i in instances),
+    }
