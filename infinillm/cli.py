@@ -18,37 +18,81 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from infinillm.config import SETTINGS, Alias, Setting, section_doc
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--block-size", type=int, default=16, help="tokens per rBlock")
-    g.add_argument("--kv-blocks", type=int, default=None,
-                   help="rBlocks per instance (default: as many as --kv-memory-gb holds)")
-    g.add_argument("--kv-memory-gb", type=float, default=2.0,
-                   help="KV cache memory per instance in GiB")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--instances", type=int, default=1, help="serving instances")
-    g.add_argument("--no-lending", dest="lending", action="store_false",
-                   help="keep every request's KV on its own instance (the baseline)")
-    g.add_argument("--max-lent-fraction", type=float, default=0.9,
-                   help="at most this share of an instance's pool is lent to others")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_flash"])
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for compute")
-    g.add_argument("--executor", default="inproc", choices=["inproc", "ray"],
-                   help="how instances run: inproc = all in this process; ray = one Ray actor "
-                        "each (see docs/distributed.md)")
-    g.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (e.g. auto, HOST:6379); default: the one started "
-                        "on this machine with `ray start`, else a new local one")
-    g.add_argument("--cpus-per-instance", type=float, default=1.0,
-                   help="CPUs each Ray actor asks for")
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting of `infinillm.config`, grouped by section. The flag is the setting's
+    name with dashes (plus its declared older aliases); default, type, choices and help are the
+    setting's own, so a new config field is a new flag with nothing to add here."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for s in SETTINGS:
+        if s.section not in groups:
+            groups[s.section] = parser.add_argument_group(s.section, section_doc(s.section))
+        if s.value_type is bool:
+            _add_switch(groups[s.section], s)
+        else:
+            _add_valued(groups[s.section], s)
+
+
+def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed settings as `LLM` keywords (`Config.from_kwargs` takes them too)."""
+    return {s.name: getattr(args, s.name) for s in SETTINGS}
+
+
+def _add_valued(group: argparse._ArgumentGroup, s: Setting) -> None:
+    flags = [_flag(s.name), *(a for a in s.aliases if isinstance(a, str))]
+    default = "" if s.default is None else f" (default: {s.show(s.default)})"
+    group.add_argument(*flags, dest=s.name, default=s.default, choices=s.choices,
+                       type=_reader(s.parse or s.value_type), metavar=_metavar(s),
+                       help=_escape(s.help) + default)
+    for alias in s.aliases:
+        if isinstance(alias, Alias):  # its own unit: a separate flag filling the same setting
+            group.add_argument(alias.flag, dest=s.name, default=argparse.SUPPRESS,
+                               type=_reader(alias.parse or s.parse or s.value_type),
+                               metavar=alias.metavar or _metavar(s), help=_escape(alias.help))
+
+
+def _add_switch(group: argparse._ArgumentGroup, s: Setting) -> None:
+    """A bool setting is one flag that flips its default: lending is on, so `--no-lending`."""
+    verb, flag = ("turn off", f"no_{s.name}") if s.default else ("turn on", s.name)
+    group.add_argument(_flag(flag), dest=s.name, default=s.default,
+                       action="store_false" if s.default else "store_true",
+                       help=_escape(f"{verb} {s.name}: {s.help}"))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _metavar(s: Setting) -> str | None:
+    if s.choices is not None:
+        return None  # argparse shows {a,b,c}
+    return s.metavar or {int: "N", float: "NUM"}.get(s.value_type, "STR")
+
+
+def _reader(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type: its ValueError message becomes argparse's error line."""
+    if parse in (int, float, str):
+        return parse  # argparse's own "invalid int value: 'x'" reads well
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return read
+
+
+def _escape(help: str | None) -> str | None:
+    return None if help is None else help.replace("%", "%%")  # argparse %-formats help
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -70,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true",
                      help="send the prompt as is, without the model's chat template")
-    _engine_args(gen)
+    add_config_args(gen)
     _sampling_args(gen)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and live page")
-    _engine_args(serve)
+    add_config_args(serve)
     _serve_args(serve)
     return parser
 
@@ -93,22 +137,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args: argparse.Namespace):
     from infinillm.engine import LLM
 
-    return LLM(
-        args.model,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        kv_blocks_per_instance=args.kv_blocks,
-        kv_cache_memory_bytes=int(args.kv_memory_gb * (1 << 30)),
-        max_model_len=args.max_model_len,
-        num_instances=args.instances,
-        lending=args.lending,
-        max_lent_fraction=args.max_lent_fraction,
-        attention_backend=args.attention_backend,
-        num_threads=args.threads,
-        executor=args.executor,
-        ray_address=args.ray_address,
-        cpus_per_instance=args.cpus_per_instance,
-    )
+    return LLM(**config_kwargs(args))
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -8,16 +8,12 @@
 
 from __future__ import annotations
 
+import inspect
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
-from infinillm.config import (
-    CacheConfig,
-    ClusterConfig,
-    Config,
-    ModelConfig,
-    RuntimeConfig,
-    SchedulerConfig,
-)
+from infinillm.config import SETTINGS, Config, section_doc
 from infinillm.engine.engine import ClusterEngine
 from infinillm.types import RequestOutput, SamplingParams
 
@@ -26,41 +22,15 @@ Message = dict[str, str]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "float32",
-        block_size: int = 16,
-        kv_blocks_per_instance: int | None = None,
-        kv_cache_memory_bytes: int = 2 << 30,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
-        num_instances: int = 1,
-        lending: bool = True,
-        max_lent_fraction: float = 0.9,
-        attention_backend: str = "auto",
-        num_threads: int | None = None,
-        executor: str = "inproc",
-        ray_address: str | None = None,
-        cpus_per_instance: float = 1.0,
-        dist_timeout_s: float = 60.0,
-    ) -> None:
-        config = Config(
-            model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
-            cache=CacheConfig(block_size=block_size, kv_blocks_per_instance=kv_blocks_per_instance,
-                              kv_cache_memory_bytes=kv_cache_memory_bytes),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens),
-            runtime=RuntimeConfig(attention_backend=attention_backend, num_threads=num_threads,
-                                  executor=executor, ray_address=ray_address,
-                                  cpus_per_instance=cpus_per_instance,
-                                  dist_timeout_s=dist_timeout_s),
-            cluster=ClusterConfig(num_instances=num_instances, lending=lending,
-                                  max_lent_fraction=max_lent_fraction),
-        )
-        self.engine = ClusterEngine.from_config(config)
+    """The offline engine: `N` instances sharing one pool of KV blocks.
+
+    `LLM(model=None, **settings)`: the keyword arguments are the fields of `infinillm.config`
+    (listed below with their defaults); an unknown name raises TypeError naming the closest one,
+    a bad value raises ValueError naming the value.
+    """
+
+    def __init__(self, model: str | None = None, **settings: Any) -> None:
+        self.engine = ClusterEngine.from_config(Config.from_kwargs(model=model, **settings))
 
     def shutdown(self) -> None:
         """Stop the instances (Ray actors and their processes, if any). Idempotent."""
@@ -162,3 +132,29 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling params for {n} prompts")
     return params
+
+
+def _signature() -> inspect.Signature:
+    """`LLM.__init__`'s real keywords and defaults, for help(), inspect and notebooks."""
+    assert SETTINGS[0].name == "model", "model is LLM's one positional argument"
+    kw, positional = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(s.name, kw, default=s.default, annotation=s.annotation)
+              for s in SETTINGS]
+    params[0] = params[0].replace(kind=positional)
+    return inspect.Signature([inspect.Parameter("self", positional), *params],
+                             return_annotation=None)
+
+
+def _settings_doc() -> str:
+    lines = []
+    for section, group in itertools.groupby(SETTINGS, key=lambda s: s.section):
+        lines.append(f"\n{section}: {section_doc(section)}")
+        for s in group:
+            shown = s.show(s.default)
+            default = f"{s.default!r}" + (f" ({shown})" if shown != str(s.default) else "")
+            lines.append(f"    {s.name}={default}: {s.help}")
+    return "\n".join(lines)
+
+
+LLM.__init__.__signature__ = _signature()
+LLM.__doc__ = f"{inspect.cleandoc(LLM.__doc__)}\n{_settings_doc()}\n"

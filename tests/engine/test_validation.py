@@ -58,7 +58,7 @@ def test_prompts_rejected_before_anything_runs(llm):
         ({"dtype": "float8"}, "dtype must be one of"),
         ({"block_size": 0}, "block_size must be positive, got 0"),
         ({"kv_blocks_per_instance": 0}, "kv_blocks_per_instance must be positive, got 0"),
-        ({"num_instances": 0}, "num_instances must be a positive int, got 0"),
+        ({"num_instances": 0}, "num_instances must be positive, got 0"),
         ({"max_lent_fraction": 1.5}, "max_lent_fraction must be in \\[0, 1\\], got 1.5"),
         ({"attention_backend": "magic"}, "attention_backend must be one of"),
     ],
@@ -66,6 +66,12 @@ def test_prompts_rejected_before_anything_runs(llm):
 def test_engine_options_reject(tiny_llama, kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLM(tiny_llama, **kwargs)
+
+
+def test_unknown_options_name_the_closest(tiny_llama):
+    with pytest.raises(TypeError, match="unknown setting 'kv_blocks'; did you mean "
+                                        "'kv_blocks_per_instance'"):
+        LLM(tiny_llama, kv_blocks=16)
 
 
 def test_missing_and_unsupported_models(tiny_llama, tmp_path):
