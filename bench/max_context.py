@@ -1,7 +1,8 @@
-"""Longest prompt served: 1 instance vs N instances with the same per-instance KV pool.
+"""How long a context fits: the longest prompt served by 1 instance vs N instances with the same
+per-instance KV pool.
 
-    .venv/bin/python bench/max_context.py [--instances 1,2,4] [--blocks-per-instance 48]
-                                          [--block-size 16] [--max-lent-fraction 0.9] [--seed 0]
+    python -m bench.max_context [--instances 1,2,4] [--blocks-per-instance 48] [--block-size 16]
+                                [--max-lent-fraction 0.9] [--seed 0] [--no-reference]
 
 For each cluster size N (lending on; one instance has nothing to borrow from):
 1. the longest prompt the engine admits, found by bisection on `engine.prepare` (the admission
@@ -25,74 +26,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
+from bench.lib.ours import greedy, longest_admitted, model_info, refusal, serve_one
+from bench.lib.report import emit_json, machine_info, print_table
+from bench.lib.workloads import seeded_prompts
 
 NEW_TOKENS = 2
 
 
-def longest_admitted(engine) -> int:
-    """The largest prompt length `engine.prepare` accepts (bisection; 0 if none)."""
-
-    def admitted(n: int) -> bool:
-        try:
-            engine.prepare([engine.arch.vocab_size - 1] * n)
-        except ValueError:
-            return False
-        return True
-
-    lo, hi = 0, engine.max_model_len  # admitted(lo) holds (or lo == 0); admitted(hi) does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if admitted(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def refusal(engine, n: int) -> str | None:
-    """The ValueError message for a prompt of `n` tokens, or None if it is admitted."""
-    try:
-        engine.prepare([engine.arch.vocab_size - 1] * n)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def serve(llm, prompt: list[int], sampling) -> dict:
-    """Serve one prompt by stepping the engine; track borrowing after every step."""
-    engine = llm.engine
-    rid = engine.add_request(prompt, sampling)
-    max_borrowed, max_holders, steps, out = 0, 1, 0, None
-    t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.request_id == rid and o.finished:
-                out = o
-        steps += 1
-        engine.check_integrity()
-        stats = llm.cluster_stats()
-        max_borrowed = max(max_borrowed, sum(i["borrowed_blocks"] for i in stats["instances"]))
-        for inst in engine.instances:
-            table = inst.rmanager.tables.get(rid)
-            if table is not None:
-                max_holders = max(max_holders, len({h for h, _ in table.entries}))
-    seconds = time.perf_counter() - t0
-    stats = llm.cluster_stats()
-    if any(i["free_blocks"] != i["total_blocks"] for i in stats["instances"]):
-        raise RuntimeError(f"pools not full after the request ended: {stats['instances']}")
-    token_ids = list(out.outputs[0].token_ids) if out is not None else []
-    return {"token_ids": token_ids, "completed": len(token_ids) == sampling.max_tokens,
-            "seconds": seconds, "steps": steps, "max_borrowed_blocks": max_borrowed,
-            "max_holders": max_holders, "stats": stats}
-
-
-def measure(args, n_inst: int, base_prompt: list[int], sampling) -> dict:
+def measure(args, n_inst: int, base_prompt: list[int]) -> dict:
     from infinillm import LLM
 
     llm = LLM(args.model, block_size=args.block_size, kv_blocks_per_instance=args.blocks,
@@ -103,7 +46,7 @@ def measure(args, n_inst: int, base_prompt: list[int], sampling) -> dict:
     limit = "model context" if length == engine.max_model_len - 1 else "kv blocks"
     refused = refusal(engine, length + 1)
     prompt = base_prompt[:length]
-    result = serve(llm, prompt, sampling)
+    result = serve_one(llm, prompt, NEW_TOKENS)
     stats = result.pop("stats")
     del llm
     gc.collect()
@@ -116,7 +59,7 @@ def measure(args, n_inst: int, base_prompt: list[int], sampling) -> dict:
             "standstills": stats["standstills"]}
 
 
-def reference_runs(args, prompts: list[list[int]], sampling) -> list[tuple[list[int], float]]:
+def reference_runs(args, prompts: list[list[int]]) -> list[tuple[list[int], float]]:
     """Greedy tokens of each prompt, and the seconds to serve it, on ONE instance whose pool
     holds the longest prompt."""
     from infinillm import LLM
@@ -128,9 +71,22 @@ def reference_runs(args, prompts: list[list[int]], sampling) -> list[tuple[list[
     runs = []
     for p in prompts:
         t0 = time.perf_counter()
-        out = llm.generate([p], sampling, use_tqdm=False)[0]
+        out = llm.generate([p], greedy(NEW_TOKENS), use_tqdm=False)[0]
         runs.append((list(out.outputs[0].token_ids), time.perf_counter() - t0))
     return runs
+
+
+def table_row(r: dict, pool_tokens: int) -> dict:
+    row = {"instances": r["instances"], "pool tok/inst": pool_tokens,
+           "max prompt tok": r["max_prompt_tokens"], "limited by": r["limited_by"],
+           "ratio": round(r["ratio_to_first"], 3), "ratio/N": round(r["ratio_per_instance"], 3),
+           "len+1 refused": r["plus_one_refused"], "served": r["completed"],
+           "max borrowed blk": r["max_borrowed_blocks"], "holders": r["max_holders"],
+           "remote MB": round(r["remote_bytes"] / 1e6, 1), "serve s": round(r["seconds"], 1)}
+    if "same_tokens_as_one_big_instance" in r:
+        row["1 big inst s"] = round(r["one_big_instance_seconds"], 1)
+        row["same tokens"] = r["same_tokens_as_one_big_instance"]
+    return row
 
 
 def main() -> None:
@@ -146,41 +102,23 @@ def main() -> None:
                     help="skip the exactness check against one big instance")
     args = ap.parse_args()
     sizes = [int(n) for n in args.instances.split(",")]
-    from infinillm import SamplingParams
-    from infinillm.model import load_arch
-    from infinillm.model.resolve import resolve_model_path
-
-    sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     # One seeded prompt as long as any cluster could admit; each N serves its prefix.
-    model_path = resolve_model_path(args.model)
-    arch = load_arch(model_path)
+    model_path, arch = model_info(args.model)
     base = seeded_prompts(arch.vocab_size, 1, arch.max_model_len, arch.max_model_len,
                           seed=args.seed)[0]
-    results = [measure(args, n, base, sampling) for n in sizes]
+    results = [measure(args, n, base) for n in sizes]
     if not args.no_reference:
-        ref = reference_runs(args, [r["prompt"] for r in results], sampling)
+        ref = reference_runs(args, [r["prompt"] for r in results])
         for r, (tokens, seconds) in zip(results, ref, strict=True):
             r["same_tokens_as_one_big_instance"] = r["token_ids"] == tokens
             r["reference_token_ids"] = tokens
             r["one_big_instance_seconds"] = seconds
-
     base_len = results[0]["max_prompt_tokens"]
-    pool_tokens = args.blocks * args.block_size
     rows = []
     for r in results:
-        ratio = r["max_prompt_tokens"] / base_len
-        r["ratio_to_first"] = ratio
-        r["ratio_per_instance"] = ratio / r["instances"] * sizes[0]
-        row = {"instances": r["instances"], "pool tok/inst": pool_tokens,
-               "max prompt tok": r["max_prompt_tokens"], "limited by": r["limited_by"],
-               "ratio": round(ratio, 3), "ratio/N": round(r["ratio_per_instance"], 3),
-               "len+1 refused": r["plus_one_refused"], "served": r["completed"],
-               "max borrowed blk": r["max_borrowed_blocks"], "holders": r["max_holders"],
-               "remote MB": round(r["remote_bytes"] / 1e6, 1), "serve s": round(r["seconds"], 1)}
-        if "same_tokens_as_one_big_instance" in r:
-            row["1 big inst s"] = round(r["one_big_instance_seconds"], 1)
-            row["same tokens"] = r["same_tokens_as_one_big_instance"]
-        rows.append(row)
+        r["ratio_to_first"] = r["max_prompt_tokens"] / base_len
+        r["ratio_per_instance"] = r["ratio_to_first"] / r["instances"] * sizes[0]
+        rows.append(table_row(r, args.blocks * args.block_size))
         del r["prompt"]
     print_table(rows)
     emit_json({"bench": "max_context", "machine": machine_info(), "model": str(model_path),

@@ -1,7 +1,8 @@
-"""Decode step time of one long request with a share of its KV blocks on another instance.
+"""What remote attention costs: decode step time of one long request with a share of its KV
+blocks on another instance.
 
-    .venv/bin/python bench/remote_overhead.py [--context 2048] [--fractions 0,0.5,0.9]
-                                              [--rounds 8] [--steps 16] [--placement prefix]
+    python -m bench.remote_overhead [--context 2048] [--fractions 0,0.5,0.9]
+                                    [--rounds 8] [--steps 15] [--placement suffix]
 
 Configurations, each its own engine holding the same seeded prompt of `--context` tokens:
 - `local`: one instance, lending off: every block local, no cluster machinery;
@@ -11,9 +12,9 @@ Configurations, each its own engine holding the same seeded prompt of `--context
 
 Placement (`--placement`): `suffix` (default) puts the newest blocks remote, as reactive
 borrowing leaves them, so every step also writes its new K/V remotely; `prefix` puts the oldest
-remote and keeps the growing tail local. Recall is switched off for the run
-(`gmanager.recall_headroom` above the pool: an owner then never has room to bring blocks home),
-and the block table is checked to be unchanged after every timed segment.
+remote and keeps the growing tail local. Recall is off for the run (`recall_headroom_fraction=1.0`:
+an owner brings blocks home only while more than that share of its pool stays free, which never
+happens), and the block table is checked to be unchanged after every timed segment.
 
 Timing: `--rounds` rounds; in each, every configuration first steps untimed past the start of a
 block (the step that opens a block runs with every block at home, so the new block is local),
@@ -22,25 +23,26 @@ steps are timed one by one (`engine.step()`, one request, greedy, ignore_eos): n
 opens a block, so the placement is exactly on target while timed. The order of the
 configurations alternates forward and backward between rounds (ABC CBA ...) so that drift of the
 machine cancels, and every request has the same context length in each round. Reports the
-median ms per step, its ratio to `local`, the paired ratio (median over rounds of the segment's
-median over the `local` segment's median in the same round: robust to load that comes and
-goes), remote micro-attention calls, K/V writes and bytes per step, and whether the greedy
-tokens of every configuration equal those of `local` (exactness).
-Target: at most 1.25x at 50 %. Prints a table and, last, one JSON line.
+median (p50) ms per step with p10 and p90 (nearest rank, bench.lib.metrics), its ratio to
+`local`, the paired ratio (median over rounds of the segment's median over the `local` segment's
+median in the same round: robust to load that comes and goes), remote micro-attention calls, K/V
+writes and bytes per step, and whether the greedy tokens of every configuration equal those of
+`local` (exactness). Target: at most 1.25x at 50 %. Prints a table and, last, one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
+from bench.lib.metrics import percentile
+from bench.lib.ours import block_holders, greedy, model_info
+from bench.lib.report import emit_json, machine_info, print_table
+from bench.lib.workloads import seeded_prompts
 
 WARMUP_STEPS = 4
+REMOTE = 1  # the instance that holds the remote blocks; the request runs on instance 0
 
 
 class Setup:
@@ -61,15 +63,13 @@ class Setup:
             if out.request_id == self.rid:
                 self.last = out
 
-    def table(self):
-        owner = self.engine.instances[0].rmanager
-        return owner.tables[self.rid]
+    def holders(self) -> list[int]:
+        return block_holders(self.engine, self.rid)
 
     def place(self, placement: str) -> None:
         """Put `fraction` of the request's logical blocks on instance 1, the rest on 0."""
-        if self.fraction is None:
-            return
-        self._move(chosen_blocks(len(self.table().entries), self.fraction, placement))
+        if self.fraction is not None:
+            self._move(chosen_blocks(len(self.holders()), self.fraction, placement))
 
     def home(self) -> None:
         """Bring every block to instance 0."""
@@ -77,8 +77,8 @@ class Setup:
             self._move(set())
 
     def _move(self, remote: set[int]) -> None:
-        for index, (holder, _) in enumerate(self.table().entries):
-            dst = 1 if index in remote else 0
+        for index, holder in enumerate(self.holders()):
+            dst = REMOTE if index in remote else 0
             if holder != dst and not self.engine.migrate_block(self.rid, index, dst):
                 raise RuntimeError(f"{self.name}: could not move block {index} to {dst}")
         self.engine.check_integrity()
@@ -103,21 +103,21 @@ class Setup:
         return self.prompt_len + len(self.last.outputs[0].token_ids) - 1
 
     def timed_segment(self, steps: int) -> None:
-        before = [tuple(e) for e in self.table().entries] if self.fraction is not None else None
+        before = self.holders() if self.fraction is not None else None
         calls, nbytes, writes = self.traffic()
         if before is not None:
-            self.remote_fractions.append(sum(h == 1 for h, _ in before) / len(before))
+            self.remote_fractions.append(sum(h == REMOTE for h in before) / len(before))
         for _ in range(steps):
             t0 = time.perf_counter()
             self.step()
             self.step_ms.append((time.perf_counter() - t0) * 1e3)
-        self.segment_medians.append(statistics.median(self.step_ms[-steps:]))
+        self.segment_medians.append(percentile(self.step_ms[-steps:], 50))
         calls_after, nbytes_after, writes_after = self.traffic()
         self.calls += calls_after - calls
         self.bytes += nbytes_after - nbytes
         self.writes += writes_after - writes
         self.steps += steps
-        if before is not None and [tuple(e) for e in self.table().entries[:len(before)]] != before:
+        if before is not None and self.holders()[:len(before)] != before:
             raise RuntimeError(f"{self.name}: blocks moved during timing (recall not off?)")
 
 
@@ -132,29 +132,64 @@ def chosen_blocks(num_blocks: int, fraction: float, placement: str) -> set[int]:
 
 
 def build(args, prompt: list[int], max_tokens: int) -> list[Setup]:
-    from infinillm import LLM, SamplingParams
+    from infinillm import LLM
 
     common_kw = dict(block_size=args.block_size, kv_blocks_per_instance=args.blocks,
                      max_num_batched_tokens=args.max_num_batched_tokens)
     configs = [Setup("local", LLM(args.model, num_instances=1, lending=False, **common_kw),
-                      None)]
+                     None)]
     for f in args.fractions:
-        llm = LLM(args.model, num_instances=2, lending=True, max_lent_fraction=1.0, **common_kw)
-        # plan_recall brings blocks home only while the owner keeps recall_headroom blocks free:
-        # above the pool, it never does. (Swaps need debts both ways; instance 1 owns nothing.)
-        llm.engine.gmanager.recall_headroom = args.blocks + 1
+        # Recall off: an owner brings blocks home only while more than this share of its pool
+        # stays free, and more than the whole pool never does. (Swaps need debts both ways;
+        # instance 1 owns nothing.)
+        llm = LLM(args.model, num_instances=2, lending=True, max_lent_fraction=1.0,
+                  recall_headroom_fraction=1.0, **common_kw)
         configs.append(Setup(f"{round(f * 100)}% remote", llm, f))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for c in configs:
-        c.rid = c.engine.add_request(prompt, params)
+        c.rid = c.engine.add_request(prompt, greedy(max_tokens))
         c.prompt_len = len(prompt)
         while c.last is None or not c.last.outputs[0].token_ids:  # prefill
             c.step()
-        if c.fraction is not None and set(h for h, _ in c.table().entries) != {0}:
+        if c.fraction is not None and set(c.holders()) != {0}:
             raise RuntimeError(f"{c.name}: prefill did not stay on instance 0")
         for _ in range(WARMUP_STEPS):
             c.step()
     return configs
+
+
+def results(args, configs: list[Setup], per_block: int) -> list[dict]:
+    local = configs[0]
+    base = percentile(local.step_ms, 50)
+    ref_tokens = list(local.last.outputs[0].token_ids)
+    num_blocks = -(-(args.context + len(ref_tokens)) // args.block_size)
+    out = []
+    for c in configs:
+        med = percentile(c.step_ms, 50)
+        frac = statistics.mean(c.remote_fractions) if c.remote_fractions else 0.0
+        # paired: this round's segment against the local segment of the same round
+        paired = percentile([a / b for a, b in zip(c.segment_medians, local.segment_medians,
+                                                   strict=True)], 50)
+        out.append({"config": c.name, "target_fraction": c.fraction, "remote_fraction": frac,
+                    "median_ms": med, "p10_ms": percentile(c.step_ms, 10),
+                    "p90_ms": percentile(c.step_ms, 90), "ratio": med / base,
+                    "paired_ratio": paired, "steps": c.steps,
+                    "remote_calls_per_step": c.calls / c.steps,
+                    "remote_kv_writes_per_step": c.writes / c.steps,
+                    "remote_bytes_per_step": c.bytes / c.steps,
+                    "same_tokens_as_local": list(c.last.outputs[0].token_ids) == ref_tokens,
+                    "remote_kv_bytes": round(frac * num_blocks) * per_block})
+    return out
+
+
+def table_row(res: dict) -> dict:
+    return {"config": res["config"], "remote blk %": round(100 * res["remote_fraction"], 1),
+            "median ms": round(res["median_ms"], 2), "p10": round(res["p10_ms"], 2),
+            "p90": round(res["p90_ms"], 2), "ratio": round(res["ratio"], 3),
+            "paired ratio": round(res["paired_ratio"], 3),
+            "remote calls/step": round(res["remote_calls_per_step"], 1),
+            "remote KB/step": round(res["remote_bytes_per_step"] / 1e3, 1),
+            "KV held remote MB": round(res["remote_kv_bytes"] / 1e6, 1),
+            "same tokens": res["same_tokens_as_local"]}
 
 
 def main() -> None:
@@ -172,9 +207,9 @@ def main() -> None:
     args = ap.parse_args()
     args.fractions = [float(f) for f in args.fractions.split(",")]
     if any(not 0.0 <= f < 1.0 for f in args.fractions):
-        raise SystemExit(f"fractions must be in [0, 1), got {args.fractions}")
+        ap.error(f"fractions must be in [0, 1), got {args.fractions}")
     if not 1 <= args.steps < args.block_size:
-        raise SystemExit(f"--steps must be in [1, block_size), got {args.steps}")
+        ap.error(f"--steps must be in [1, block_size), got {args.steps}")
     max_tokens = WARMUP_STEPS + args.rounds * 2 * args.block_size + 2
     total = args.context + max_tokens
     args.blocks = -(-total // args.block_size) + 1  # the whole request fits on instance 0
@@ -182,64 +217,25 @@ def main() -> None:
     import torch
 
     from infinillm.kvcache import block_bytes
-    from infinillm.model import load_arch
-    from infinillm.model.resolve import resolve_model_path
 
-    model_path = resolve_model_path(args.model)
-    vocab = load_arch(model_path).vocab_size
-    prompt = seeded_prompts(vocab, 1, args.context, args.context, seed=args.seed)[0]
+    model_path, arch = model_info(args.model)
+    prompt = seeded_prompts(arch.vocab_size, 1, args.context, args.context, seed=args.seed)[0]
     configs = build(args, prompt, max_tokens)
     for r in range(args.rounds):
-        order = configs if r % 2 == 0 else configs[::-1]
-        for c in order:
+        for c in configs if r % 2 == 0 else configs[::-1]:
             c.advance_past_block_start()
             c.place(args.placement)
             c.timed_segment(args.steps)
-
-    local = configs[0]
-    base = statistics.median(local.step_ms)
-    ref_tokens = list(local.last.outputs[0].token_ids)
-    arch = local.engine.arch
     per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim, args.block_size,
-                            getattr(torch, local.engine.config.model.dtype))
-    num_blocks = -(-(args.context + len(ref_tokens)) // args.block_size)
-    rows, results = [], []
-    for c in configs:
-        med = statistics.median(c.step_ms)
-        frac = statistics.mean(c.remote_fractions) if c.remote_fractions else 0.0
-        tokens = list(c.last.outputs[0].token_ids)
-        # paired: this round's segment against the local segment of the same round
-        paired = statistics.median(a / b for a, b in zip(c.segment_medians,
-                                                         local.segment_medians))
-        res = {"config": c.name, "target_fraction": c.fraction, "remote_fraction": frac,
-               "median_ms": med, "p10_ms": _quantile(c.step_ms, 0.1),
-               "p90_ms": _quantile(c.step_ms, 0.9), "ratio": med / base,
-               "paired_ratio": paired, "steps": c.steps,
-               "remote_calls_per_step": c.calls / c.steps,
-               "remote_kv_writes_per_step": c.writes / c.steps,
-               "remote_bytes_per_step": c.bytes / c.steps,
-               "same_tokens_as_local": tokens == ref_tokens,
-               "remote_kv_bytes": round(frac * num_blocks) * per_block}
-        results.append(res)
-        rows.append({"config": c.name, "remote blk %": round(100 * frac, 1),
-                     "median ms": round(med, 2), "p10": round(res["p10_ms"], 2),
-                     "p90": round(res["p90_ms"], 2), "ratio": round(med / base, 3),
-                     "paired ratio": round(paired, 3),
-                     "remote calls/step": round(res["remote_calls_per_step"], 1),
-                     "remote KB/step": round(res["remote_bytes_per_step"] / 1e3, 1),
-                     "KV held remote MB": round(res["remote_kv_bytes"] / 1e6, 1),
-                     "same tokens": res["same_tokens_as_local"]})
-    print_table(rows)
+                            getattr(torch, configs[0].engine.config.model.dtype))
+    res = results(args, configs, per_block)
+    print_table([table_row(r) for r in res])
     emit_json({"bench": "remote_overhead", "machine": machine_info(), "model": str(model_path),
-               "context": args.context, "final_context": args.context + len(ref_tokens),
+               "context": args.context,
+               "final_context": args.context + len(configs[0].last.outputs[0].token_ids),
                "block_size": args.block_size, "placement": args.placement,
                "rounds": args.rounds, "steps_per_segment": args.steps, "seed": args.seed,
-               "block_bytes": per_block, "results": results})
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
+               "block_bytes": per_block, "results": res})
 
 
 if __name__ == "__main__":

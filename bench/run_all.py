@@ -1,12 +1,12 @@
 """The results page in one command: seeded online workloads x systems x rates x clocks, vLLM,
 longest context, plots.
 
-    .venv/bin/python bench/run_all.py [--quick | --full] [--rates 1,2,4] [--num-requests 12]
+    python -m bench.run_all [--quick | --full] [--rates 1,2,4] [--num-requests 12]
         [--workloads short,mixed,long] [--clocks wall,parallel] [--no-vllm]
         [--slo-ttft 5] [--slo-tpot 0.25] [--blocks-per-instance 64] [--instances 4] [--seed 0]
 
 Systems, each measured in this process one after the other on a fresh, warmed-up engine
-(`LLM(...).engine` driven by hand, see bench/run_all_workloads.py for the loop and workloads):
+(`LLM(...).engine` driven by hand: bench.lib.ours.serve_online; workloads: bench.lib.workloads):
 - `lending`: --instances instances of --blocks-per-instance blocks, lending on;
 - `multi`: the same instances and pools, `lending=False` (the paper's "vLLM-multi");
 - `single`: one instance with --instances x the blocks (the paper's "vLLM-single");
@@ -17,19 +17,19 @@ Systems, each measured in this process one after the other on a fresh, warmed-up
 Two clocks. `wall` is this machine as it is: the instances of a step run one after another on 2
 cores, so "single" reads the weights once per step and the 4-instance systems four times.
 `parallel` models one device per instance: a step costs the driver's time plus its slowest
-instance (run_all_workloads.InstanceTimer). The wall rows measure scheduling on one box; the
+instance (`StepRecord.parallel_seconds()`). The wall rows measure scheduling on one box; the
 parallel rows are the estimate of what N devices would do, and are labelled as such everywhere.
 
 Per (workload, system, rate, clock): output tok/s and req/s over the run (first arrival to last
 finish), goodput (output tok/s of the requests within the SLO: TTFT <= --slo-ttft and TPOT <=
---slo-tpot) and the share within it, TTFT and TPOT p50/p99, requests refused at admission,
-preemptions, most blocks borrowed and lent at once, remote micro-attention bytes. Per system: the
-highest rate sustained within the SLO (--slo-attainment of requests). Then the longest prompt each
-system admits for 1, 2 and --instances instances (bisection on the admission check,
-bench/max_context.py); the lending one at --instances is also served (2 new tokens; all of them
-with --full). Writes bench/results/results.json, docs/img/{throughput_vs_rate,goodput_vs_rate,
-longest_context,memory_timeline}.png, prints tables and, last, one JSON line (the same as the
-file, without the memory timelines).
+--slo-tpot) and the share within it, TTFT and TPOT p50/p99 (nearest rank, bench.lib.metrics),
+requests refused at admission, preemptions, most blocks borrowed and lent at once, remote
+micro-attention bytes. Per system: the highest rate sustained within the SLO (--slo-attainment
+of requests). Then the longest prompt each system admits for 1, 2 and --instances instances
+(bisection on the admission check); the lending one at --instances is also served (2 new
+tokens; all of them with --full). Writes bench/results/results.json, docs/img/{throughput_vs_rate,
+goodput_vs_rate,longest_context,memory_timeline}.png, prints tables and, last, one JSON line (the
+same as the file, without the memory timelines).
 """
 
 from __future__ import annotations
@@ -41,30 +41,30 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import emit_json, machine_info, print_table, seeded_prompts  # noqa: E402
-from max_context import longest_admitted, serve  # noqa: E402
-from run_all_workloads import CLOCKS, WORKLOADS, make_workload, serve_online  # noqa: E402
+from bench.lib.online import CLOCKS
+from bench.lib.ours import longest_admitted, model_info, serve_one, serve_online, warm_up
+from bench.lib.report import emit_json, machine_info, print_table
+from bench.lib.vllm import run_vllm_script
+from bench.lib.workloads import ONLINE_KINDS, make_workload, seeded_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("lending", "multi", "single")
 SYSTEMS_ALL = (*SYSTEMS, "vllm")
 PRESETS = {"quick": {"num_requests": 12, "rates": "1,2,4"},
            "full": {"num_requests": 48, "rates": "1,2,4"}}
+VLLM_PROGRESS = "vllm_online: "  # bench/vllm_online.py's progress lines
 
 
 def make_llm(args, system: str, num_instances: int | None = None):
     """A fresh engine for `system`, warmed up with two equal prompts per instance."""
-    from infinillm import LLM, SamplingParams
+    from infinillm import LLM
 
     n = num_instances or args.instances
     inst, blocks = (1, n * args.blocks) if system == "single" else (n, args.blocks)
     llm = LLM(args.model, block_size=args.block_size, kv_blocks_per_instance=blocks,
               num_instances=inst, lending=system == "lending",
               max_num_batched_tokens=args.max_num_batched_tokens)
-    warm = seeded_prompts(llm.engine.arch.vocab_size, 2 * inst, 48, 48, seed=args.seed + 1)
-    llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
-                 use_tqdm=False)
+    warm_up(llm, 2 * inst, (48, 48), 4, seed=args.seed + 1)
     return llm
 
 
@@ -72,26 +72,27 @@ def warm_process(args) -> None:
     """One untimed lending engine serving a long prompt among short ones: the first long prefill
     and first remote attention of a process are slow (allocator, kernel set-up); no run gets
     them."""
-    from infinillm import SamplingParams
+    from bench.lib.ours import greedy
 
     llm = make_llm(args, "lending")
     pool = args.blocks * args.block_size
-    lens = [2 * pool, 300, 200, 100]
     prompts = [seeded_prompts(llm.engine.arch.vocab_size, 1, k, k, seed=args.seed + 2)[0]
-               for k in lens]
-    llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
-                 use_tqdm=False)
+               for k in (2 * pool, 300, 200, 100)]
+    llm.generate(prompts, greedy(8), use_tqdm=False)
     llm.shutdown()
 
 
-def run_online(args, vocab: int, bar) -> list[dict]:
-    from infinillm import SamplingParams
+def workload(args, kind: str, rate: float, vocab: int):
+    """The requests of one run; the vLLM side (bench/vllm_online.py) builds the same."""
+    return make_workload(kind, args.num_requests, vocab, seed=args.seed,
+                         new_tokens=(args.min_new, args.max_new), rate=rate)
 
+
+def run_online(args, vocab: int, bar) -> list[dict]:
     results = []
     for kind in args.workloads:
         for r_i, rate in enumerate(args.rates):
-            workload = make_workload(kind, args.num_requests, rate, vocab, args.min_new,
-                                     args.max_new, args.seed)
+            requests = workload(args, kind, rate, vocab)
             for clock in args.clocks:
                 order = SYSTEMS if r_i % 2 == 0 else SYSTEMS[::-1]  # alternate who runs first
                 for system in order:
@@ -99,8 +100,7 @@ def run_online(args, vocab: int, bar) -> list[dict]:
                     llm = make_llm(args, system)
                     keep = (kind == args.timeline_workload and rate == args.timeline_rate
                             and clock == args.clocks[0])
-                    r = serve_online(llm, workload, SamplingParams, keep_timeline=keep,
-                                     clock=clock, slo=args.slo)
+                    r = serve_online(llm, requests, clock=clock, slo=args.slo, keep_timeline=keep)
                     llm.shutdown()
                     del llm
                     gc.collect()
@@ -110,16 +110,27 @@ def run_online(args, vocab: int, bar) -> list[dict]:
     return results
 
 
+def vllm_args(args, model_path, vocab: int) -> list[str]:
+    """bench/vllm_online.py's arguments: the same workloads, rates, seed and settings, and the
+    KV capacity of `single`."""
+    return ["--model", str(model_path), "--workloads", ",".join(args.workloads),
+            "--rates", ",".join(f"{r:g}" for r in args.rates),
+            "--num-requests", str(args.num_requests), "--min-new", str(args.min_new),
+            "--max-new", str(args.max_new), "--seed", str(args.seed),
+            "--kv-tokens", str(args.instances * args.blocks * args.block_size),
+            "--block-size", str(args.block_size),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+            "--slo-ttft", f"{args.slo[0]:g}", "--slo-tpot", f"{args.slo[1]:g}",
+            "--vocab-size", str(vocab)]
+
+
 def run_vllm_rows(args, model_path, vocab: int, bar) -> tuple[list[dict], dict]:
     """vLLM on the wall clock, same workloads; ([], why) where it is not run."""
     if not args.with_vllm:
         return [], {"run": False, "why": "not asked for (--with-vllm)"}
-    from run_all_vllm import run_vllm
-
     bar.set_description("vllm (all workloads and rates)")
-    rec = run_vllm(str(model_path), args.workloads, args.rates, args.num_requests, args.min_new,
-                   args.max_new, args.seed, args.instances * args.blocks * args.block_size,
-                   args.block_size, args.max_num_batched_tokens, args.slo, vocab)
+    rec = run_vllm_script("bench.vllm_online", vllm_args(args, model_path, vocab),
+                          progress_prefix=VLLM_PROGRESS)
     bar.update(len(args.workloads) * len(args.rates))
     if rec is None:
         return [], {"run": False, "why": "no .venv-vllm (bench/setup_vllm.sh makes it)"}
@@ -129,9 +140,6 @@ def run_vllm_rows(args, model_path, vocab: int, bar) -> tuple[list[dict], dict]:
 
 def run_max_context(args, bar) -> list[dict]:
     """Longest admitted prompt per system and instance count; lending's are served too."""
-    from infinillm import SamplingParams
-
-    sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     rows = []
     for n in sorted({1, 2, args.instances}):
         for system in SYSTEMS:
@@ -142,7 +150,7 @@ def run_max_context(args, bar) -> list[dict]:
             if (system == "lending" and n == args.instances) or args.full:
                 base = seeded_prompts(llm.engine.arch.vocab_size, 1, length, length,
                                       seed=args.seed)[0]
-                served = serve(llm, base, sampling)
+                served = serve_one(llm, base, max_tokens=2)
                 row.update(served=served["completed"], serve_s=served["seconds"],
                            max_borrowed_blocks=served["max_borrowed_blocks"])
             llm.shutdown()
@@ -239,13 +247,13 @@ def targets(online: list[dict], ctx: list[dict], n: int) -> dict:
     return goals
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: 12 requests per run")
     mode.add_argument("--full", action="store_true", help="48 requests per run")
     ap.add_argument("--model", default=None, help="model folder (default: the embedded default)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default=",".join(ONLINE_KINDS))
     ap.add_argument("--rates", default=None, help="req/s, comma-separated (preset by mode)")
     ap.add_argument("--num-requests", type=int, default=None, help="per run (preset by mode)")
     ap.add_argument("--instances", type=int, default=4)
@@ -259,7 +267,7 @@ def main() -> None:
                     help="rate of the memory-over-time plot (default: the middle rate)")
     ap.add_argument("--clocks", default=",".join(CLOCKS),
                     help="wall (this machine, instances in turn) and/or parallel (one device "
-                         "per instance, modelled); see run_all_workloads.serve_online")
+                         "per instance, modelled); see bench.lib.online")
     ap.add_argument("--slo-ttft", type=float, default=5.0, help="seconds (default 5)")
     ap.add_argument("--slo-tpot", type=float, default=0.25, help="seconds (default 0.25)")
     ap.add_argument("--slo-attainment", type=float, default=0.9,
@@ -277,30 +285,18 @@ def main() -> None:
     args.clocks = args.clocks.split(",")
     bad = [c for c in args.clocks if c not in CLOCKS]
     if bad or not args.clocks:
-        raise SystemExit(f"--clocks must name some of {CLOCKS}, got {bad or args.clocks}")
+        ap.error(f"--clocks must name some of {CLOCKS}, got {bad or args.clocks}")
+    bad = [w for w in args.workloads if w not in ONLINE_KINDS]
+    if bad or not args.workloads:
+        ap.error(f"--workloads must name some of {ONLINE_KINDS}, got {bad or args.workloads}")
     args.slo = (args.slo_ttft, args.slo_tpot)
     if args.timeline_rate is None:
         args.timeline_rate = args.rates[len(args.rates) // 2]
+    return args
 
-    from tqdm import tqdm
 
-    from infinillm.model import load_arch
-    from infinillm.model.resolve import resolve_model_path
-
-    model_path = resolve_model_path(args.model)
-    vocab = load_arch(model_path).vocab_size
-    num_ctx = len({1, 2, args.instances}) * len(SYSTEMS)
-    t0 = time.perf_counter()
-    warm_process(args)
-    cells = len(args.workloads) * len(args.rates)
-    with tqdm(total=cells * (len(SYSTEMS) * len(args.clocks) + args.with_vllm) + num_ctx,
-              unit="run", file=sys.stderr) as bar:
-        online = run_online(args, vocab, bar)
-        ctx = run_max_context(args, bar)
-        vllm_rows, vllm_info = run_vllm_rows(args, model_path, vocab, bar)
-    online += vllm_rows
-    elapsed = time.perf_counter() - t0
-
+def print_report(args, online: list[dict], ctx: list[dict]) -> tuple[list[dict], dict]:
+    """The tables for people; returns the capacity rows and the targets."""
     for kind in args.workloads:
         print_table([online_row(r) for r in online if r["workload"] == kind])
         print()
@@ -315,6 +311,28 @@ def main() -> None:
                  for r in ctx])
     goals = targets(online, ctx, args.instances)
     print("\ntargets:", json.dumps(goals))
+    return cap, goals
+
+
+def main() -> None:
+    args = parse_args()
+    from tqdm import tqdm
+
+    model_path, arch = model_info(args.model)
+    vocab = arch.vocab_size
+    num_ctx = len({1, 2, args.instances}) * len(SYSTEMS)
+    t0 = time.perf_counter()
+    warm_process(args)
+    cells = len(args.workloads) * len(args.rates)
+    with tqdm(total=cells * (len(SYSTEMS) * len(args.clocks) + args.with_vllm) + num_ctx,
+              unit="run", file=sys.stderr) as bar:
+        online = run_online(args, vocab, bar)
+        ctx = run_max_context(args, bar)
+        vllm_rows, vllm_info = run_vllm_rows(args, model_path, vocab, bar)
+    online += vllm_rows
+    elapsed = time.perf_counter() - t0
+
+    cap, goals = print_report(args, online, ctx)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     report = {"bench": "run_all", "machine": machine_info(), "model": str(model_path),
               "settings": settings, "mode": "full" if args.full else "quick",
@@ -324,110 +342,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     if not args.no_plots:
+        from bench.lib.plots import plot_all
+
         plot_all(report, ROOT / "docs/img")
     emit_json({**report, "online": [{k: v for k, v in r.items() if k != "timeline"}
                                     for r in online]})
-
-
-COLORS = {"lending": "tab:blue", "multi": "tab:orange", "single": "tab:green", "vllm": "tab:purple"}
-
-
-def plot_all(report: dict, folder: Path) -> None:
-    """The four PNGs of docs/benchmarks.md "Results suite"."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("throughput_vs_rate", _plot_throughput), ("goodput_vs_rate", _plot_goodput),
-                     ("longest_context", _plot_context), ("memory_timeline", _plot_memory)):
-        fig = fn(plt, report)
-        if fig is not None:
-            fig.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
-            plt.close(fig)
-
-
-def _plot_rates(plt, report, key: str, ylabel: str, title: str):
-    """One panel per workload (columns) and clock (rows): `key` against the offered rate."""
-    kinds = report["settings"]["workloads"]
-    clocks = report["settings"]["clocks"]
-    fig, axes = plt.subplots(len(clocks), len(kinds), figsize=(4.2 * len(kinds),
-                                                               3.2 * len(clocks)),
-                             squeeze=False)
-    rates = sorted({r["rate"] for r in report["online"]})
-    mean_new = sum(report["settings"][k] for k in ("min_new", "max_new")) / 2
-    for row, clock in zip(axes, clocks, strict=True):
-        for ax, kind in zip(row, kinds, strict=True):
-            for system in SYSTEMS_ALL:
-                pts = sorted((r["rate"], r[key]) for r in report["online"]
-                             if (r["workload"], r["system"], r["clock"]) == (kind, system, clock))
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=system,
-                            color=COLORS[system])
-            ax.plot(rates, [x * mean_new for x in rates], ls="--", color="0.5", label="offered")
-            ax.set(title=f"{kind}, {clock} clock", xlabel="request rate (req/s)", ylabel=ylabel)
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def _plot_throughput(plt, report):
-    return _plot_rates(plt, report, "output_tok_s", "output tokens/s",
-                       "Output throughput vs request rate (served requests only)")
-
-
-def _plot_goodput(plt, report):
-    ttft, tpot = report["settings"]["slo"]
-    return _plot_rates(plt, report, "goodput_tok_s", "goodput (output tokens/s in SLO)",
-                       f"Goodput vs request rate: output tokens of requests with TTFT <= "
-                       f"{ttft:g} s and TPOT <= {tpot:g} s")
-
-
-def _plot_context(plt, report):
-    rows = report["max_context"]
-    sizes = sorted({r["instances"] for r in rows})
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    width = 0.8 / len(SYSTEMS)
-    for s_i, system in enumerate(SYSTEMS):
-        vals = [next(r["max_prompt_tokens"] for r in rows
-                     if r["system"] == system and r["instances"] == n) for n in sizes]
-        xs = [i + (s_i - 1) * width for i in range(len(sizes))]
-        bars = ax.bar(xs, vals, width, label=system, color=COLORS[system])
-        ax.bar_label(bars, fmt="%d", fontsize=7)
-    ax.set_xticks(range(len(sizes)), [f"{n} instance{'s' if n > 1 else ''}" for n in sizes])
-    ax.set(ylabel="longest prompt admitted (tokens)",
-           title="Longest context (single = one instance with N x the blocks)")
-    ax.legend()
-    return fig
-
-
-def _plot_memory(plt, report):
-    runs = [r for r in report["online"] if "timeline" in r and r["system"] != "single"]
-    if not runs:
-        return None
-    n = len(runs[0]["timeline"][0]) - 1
-    fig, axes = plt.subplots(len(runs), n, figsize=(3.2 * n, 2.6 * len(runs)), sharey=True,
-                             sharex=True,
-                             squeeze=False)
-    for row, r in zip(axes, runs, strict=True):
-        t = [p[0] for p in r["timeline"]]
-        for i, ax in enumerate(row):
-            used, lent, borrowed, free = zip(*(p[1 + i] for p in r["timeline"]), strict=True)
-            ax.stackplot(t, used, lent, free, labels=["used (own pool)", "lent to others", "free"],
-                         colors=["tab:blue", "tab:red", "0.85"], step="post")
-            ax.step(t, borrowed, where="post", color="k", lw=1.2, label="borrowed (elsewhere)")
-            ax.set_title(f"{r['system']}: instance {i}", fontsize=9)
-            ax.set_xlabel("s")
-        row[0].set_ylabel("blocks")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Blocks per instance over time, {runs[0]['workload']} workload at "
-                 f"{runs[0]['rate']:g} req/s ({runs[0]['clock']} clock)")
-    fig.tight_layout()
-    return fig
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
-"""Online serving: infinillm's OpenAI server vs vLLM's, one after the other, at Poisson loads.
+"""How does infinillm's OpenAI server compare with vLLM's? One after the other, at Poisson loads.
 
-    .venv/bin/python bench/serving.py [--systems infinillm,vllm] [--instances 2] [--rates 1,2,4]
+    python -m bench.serving_vs_vllm [--systems infinillm,vllm] [--instances 2] [--rates 1,2,4]
         [--num-requests 40] [--input-len 64-256] [--output-len 32-128] [--duration-cap 60]
 
 For each system (and each `--instances` count for infinillm: `--instances 1,2` runs both; one
 instance is the like-for-like peer of vLLM's one engine) the script starts the server as a
-subprocess on a free loopback port, times its start-up (launch to /health for infinillm,
-/v1/models for vLLM), sends `--warmup` short untimed requests, then for each rate a seeded
-workload (bench/serving_load.py): Poisson arrivals, prompts of random token ids (the same ids
-for both engines), greedy, ignore_eos, `max_tokens` uniform in --output-len, streamed with usage.
-Between rates it waits until the server's /metrics shows no request held. A rate stops at
---duration-cap seconds: streams still open are cut, unsent requests dropped (both counted).
-Then it stops the server (SIGINT, then SIGKILL of its process group after --stop-timeout) and
-checks that none of its processes is left (any are killed and listed as `orphans`).
+subprocess on a free loopback port (bench.lib.servers; vLLM's command from bench.lib.vllm), times
+its start-up (launch to /health for infinillm, /v1/models for vLLM), sends `--warmup` short
+untimed requests, then for each rate a seeded workload (bench.lib.workloads `uniform`): Poisson
+arrivals, prompts of random token ids (the same ids for both engines), greedy, ignore_eos,
+`max_tokens` uniform in --output-len, streamed with usage (bench.lib.http_load). Between rates
+it waits until the server's /metrics shows no request held. A rate stops at --duration-cap
+seconds: streams still open are cut, unsent requests dropped (both counted). Then it stops the
+server (SIGINT, then SIGKILL of its process group after --stop-timeout) and checks that none of
+its processes is left (any are killed and listed as `orphans`). Without .venv-vllm the vLLM
+system is skipped with a note.
 
 Servers never run at the same time; the client shares the 2 cores with the server being
-measured, alike for both. vLLM runs with prefix caching off (as bench/vllm_offline.py), and
-each rate draws its own prompts anyway. Prints a table per system (a row per rate), start-up
-times, the ratios infinillm / vLLM per rate (throughput: above 1 is better; TTFT, TPOT: below 1
-is better), and LAST one JSON line with every figure, the machine and the settings.
+measured, alike for both. vLLM runs with prefix caching off, and each rate draws its own prompts
+anyway. Prints a table per system (a row per rate; percentiles are nearest rank,
+bench.lib.metrics), start-up times, the ratios infinillm / vLLM per rate (throughput: above 1 is
+better; TTFT, TPOT: below 1 is better), and LAST one JSON line with every figure, the machine
+and the settings.
 """
 
 from __future__ import annotations
@@ -27,37 +30,22 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import MIN_REGULAR_TOKEN_ID, emit_json, machine_info, print_table  # noqa: E402
-from serving_load import make_workload, run_load, summarize, texts, wait_idle  # noqa: E402
+from bench.lib.http_load import run_load, summarize_streams, texts, wait_idle
+from bench.lib.report import emit_json, machine_info, other_benchmarks, print_table
+from bench.lib.servers import Server, ServerSpec, free_port
+from bench.lib.vllm import VLLM_ENV, api_server_command, have_vllm
+from bench.lib.workloads import make_workload
 
-ROOT = Path(__file__).resolve().parent.parent
-VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_HOST_IP": "127.0.0.1",
-            "HF_HUB_OFFLINE": "1"}
 BUSY_METRICS = {
     "infinillm": ("infinillm_num_requests_running_all", "infinillm_num_requests_waiting_all"),
     "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSpec:
-    label: str  # "infinillm x2", "vllm"
-    kind: str  # "infinillm" or "vllm": which metrics and ready path
-    cmd: list[str]
-    env: dict[str, str]
-    ready_path: str
 
 
 def server_specs(args, model_dir: str) -> list[ServerSpec]:
@@ -66,132 +54,19 @@ def server_specs(args, model_dir: str) -> list[ServerSpec]:
     for system in args.systems:
         if system == "infinillm":
             for n in args.instances:
-                cmd = [str(ROOT / ".venv/bin/infinillm"), "serve", "--instances", str(n)]
+                # this interpreter, so that the server runs the same infinillm as this script
+                cmd = [sys.executable, "-m", "infinillm.cli", "serve", "--instances", str(n)]
                 cmd += ["--model", args.model] if args.model else []
                 cmd += ["--kv-blocks", str(args.kv_blocks)] if args.kv_blocks else []
                 specs.append(ServerSpec(f"infinillm x{n}", "infinillm", cmd, {}, "/health"))
+        elif have_vllm():
+            specs.append(ServerSpec("vllm", "vllm", api_server_command(model_dir), VLLM_ENV,
+                                    "/v1/models"))
         else:
-            cmd = [str(ROOT / ".venv-vllm/bin/python"), "-m", "vllm.entrypoints.openai.api_server",
-                   "--model", model_dir, "--dtype", "float32", "--enforce-eager",
-                   "--gpu-memory-utilization", "0.4", "--max-model-len", "2048",
-                   "--no-enable-prefix-caching"]
-            specs.append(ServerSpec("vllm", "vllm", cmd, VLLM_ENV, "/v1/models"))
+            print("[serving] no .venv-vllm: vLLM skipped (bench/setup_vllm.sh makes it)",
+                  file=sys.stderr)
     return specs
 
-
-# ---- the server process ---------------------------------------------------------------------
-
-class Server:
-    """A server subprocess in its own process group, with its output in a temporary log file."""
-
-    def __init__(self, spec: ServerSpec, port: int):
-        self.spec, self.port, self.base_url = spec, port, f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="serving-", suffix=".log")
-        self.proc: subprocess.Popen | None = None
-        self.seen_pids: set[int] = set()
-
-    @property
-    def command(self) -> list[str]:
-        return [*self.spec.cmd, "--port", str(self.port)]
-
-    def start(self, timeout: float) -> float:
-        """Launch and wait until the ready path answers 200; returns the start-up seconds."""
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **self.spec.env},
-                                     cwd=ROOT, start_new_session=True)
-        while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.spec.label} exited with {self.proc.returncode} while "
-                                   f"starting:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + self.spec.ready_path, timeout=2).status_code == 200:
-                    self.note_pids()
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.spec.label} not ready after {timeout} s:\n{self.log_tail()}")
-
-    def note_pids(self) -> None:
-        """Remember the server's processes (its group and descendants) to check them at stop."""
-        if self.proc is not None:
-            self.seen_pids |= _group_and_descendants(self.proc.pid)
-
-    def stop(self, timeout: float) -> dict:
-        """SIGINT, wait, then SIGKILL the group; returns how it ended and any processes left."""
-        assert self.proc is not None
-        self.note_pids()
-        t0 = time.perf_counter()
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-            how = "sigint"
-        except subprocess.TimeoutExpired:
-            _kill_group(self.proc.pid)
-            self.proc.wait()
-            how = "sigkill"
-        time.sleep(1.0)  # let children notice their parent went
-        left = sorted(p for p in self.seen_pids | _group_and_descendants(self.proc.pid)
-                      if _alive(p))
-        for pid in left:  # ours by construction: members of the group we started, or below it
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.log.close()
-        return {"stopped_by": how, "stop_s": time.perf_counter() - t0,
-                "exit_code": self.proc.returncode, "num_processes_seen": len(self.seen_pids),
-                "orphans": left}
-
-    def log_tail(self, n: int = 3000) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-n:]
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, process group) of a process, None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def _group_and_descendants(root: int) -> set[int]:
-    stats = {int(p): s for p in os.listdir("/proc") if p.isdigit()
-             if (s := _proc_stat(int(p))) is not None}
-    found = {pid for pid, (_, _, pgid) in stats.items() if pgid == root}
-    found.add(root)
-    grew = True
-    while grew:
-        new = {pid for pid, (_, ppid, _) in stats.items() if ppid in found} - found
-        found |= new
-        grew = bool(new)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---- one system ------------------------------------------------------------------------------
 
 def bench_system(spec: ServerSpec, workloads: dict, args) -> dict:
     server = Server(spec, free_port())
@@ -218,7 +93,8 @@ def _one_rate(server: Server, spec: ServerSpec, model: str, rate: float, workloa
     idle = asyncio.run(wait_idle(server.base_url, BUSY_METRICS[spec.kind]))
     records, span = asyncio.run(run_load(server.base_url, model, workload, args.duration_cap))
     server.note_pids()
-    run = {"rate": rate, "idle_before": idle, **summarize(records, span), "texts": texts(records)}
+    run = {"rate": rate, "idle_before": idle, **summarize_streams(records, span),
+           "texts": texts(records)}
     print(f"[serving] {spec.label} rate {rate}: {run['completed']}/{len(workload)} done in "
           f"{span:.1f} s, {run['errors']} errors", file=sys.stderr)
     return run
@@ -282,27 +158,18 @@ def comparison(results: dict) -> list[dict]:
     return rows
 
 
+def print_comparison(rows: list[dict]) -> None:
+    print("\ninfinillm / vLLM (throughput: above 1 is better; TTFT, TPOT: below 1 is better)")
+    print_table([{k: f"{v:.2f}".rstrip("0").rstrip(".") if k == "rate/s" else
+                  (f"{v:.2f}" if isinstance(v, float) else "-" if v is None else v)
+                  for k, v in row.items()} for row in rows])
+
+
 def _round(value):
     """Cells as text: print_table would give every float three decimals."""
     if isinstance(value, float):
         return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}".rstrip("0").rstrip(".")
     return "-" if value is None else value
-
-
-def other_benchmarks() -> list[str]:
-    """Command lines of other bench/ processes now: they would share the cores."""
-    found = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit() or int(p) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if "bench/" in cmd and "bench/serving" not in cmd:
-            found.append(cmd)
-    return found
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -325,13 +192,13 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     args.systems = [s for s in args.systems.split(",") if s]
     if not args.systems or set(args.systems) - {"infinillm", "vllm"}:
-        raise ValueError(f"--systems takes infinillm and/or vllm, got {args.systems}")
+        ap.error(f"--systems takes infinillm and/or vllm, got {args.systems}")
     args.instances = [int(n) for n in args.instances.split(",")]
     args.rates = [float(r) for r in args.rates.split(",")]
     args.input_len, args.output_len = _range(args.input_len), _range(args.output_len)
     if min(args.instances) < 1 or min(args.rates) <= 0 or args.num_requests < 1:
-        raise ValueError(f"need instances >= 1, rates > 0, num-requests >= 1, got "
-                         f"{args.instances}, {args.rates}, {args.num_requests}")
+        ap.error(f"need instances >= 1, rates > 0, num-requests >= 1, got "
+                 f"{args.instances}, {args.rates}, {args.num_requests}")
     return args
 
 
@@ -351,6 +218,17 @@ def resolve_model(model: str | None) -> str:
     return str(default_model_path())
 
 
+def make_workloads(args, vocab: int) -> dict:
+    """Per rate, and the warm-up ("warmup"): 2 requests of 32 tokens making 8."""
+    workloads = {rate: make_workload("uniform", args.num_requests, vocab, seed=args.seed,
+                                     rate=rate, prompt_len=args.input_len,
+                                     new_tokens=args.output_len)
+                 for rate in args.rates}
+    workloads["warmup"] = make_workload("uniform", args.warmup, vocab, seed=args.seed + 1,
+                                        rate=100.0, prompt_len=(32, 32), new_tokens=(8, 8))
+    return workloads
+
+
 def main() -> None:
     args = parse_args()
     busy = other_benchmarks()
@@ -358,26 +236,19 @@ def main() -> None:
         print(f"[serving] warning: other benchmarks running: {busy}", file=sys.stderr)
     model_dir = resolve_model(args.model)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
-    workloads = {rate: make_workload(vocab, args.num_requests, rate, args.input_len,
-                                     args.output_len, args.seed, MIN_REGULAR_TOKEN_ID)
-                 for rate in args.rates}
-    workloads["warmup"] = make_workload(vocab, args.warmup, 100.0, (32, 32), (8, 8),
-                                        args.seed + 1, MIN_REGULAR_TOKEN_ID)
+    workloads = make_workloads(args, vocab)
     results = {}
     for spec in server_specs(args, model_dir):
         results[spec.label] = bench_system(spec, workloads, args)
         print_system(spec.label, results[spec.label])
     rows = comparison(results)
     if rows:
-        print("\ninfinillm / vLLM (throughput: above 1 is better; TTFT, TPOT: below 1 is better)")
-        print_table([{k: f"{v:.2f}".rstrip("0").rstrip(".") if k == "rate/s" else
-                      (f"{v:.2f}" if isinstance(v, float) else "-" if v is None else v)
-                      for k, v in row.items()} for row in rows])
+        print_comparison(rows)
     for result in results.values():  # the texts were for the comparison only
         result.pop("texts", None)
         for run in result["runs"]:
             run.pop("texts", None)
-    emit_json({"bench": "serving", "machine": machine_info(), "model": model_dir,
+    emit_json({"bench": "serving_vs_vllm", "machine": machine_info(), "model": model_dir,
                "vocab_size": vocab, "settings": vars(args), "other_benchmarks_at_start": busy,
                "other_benchmarks_at_end": other_benchmarks(), "loadavg_at_end": os.getloadavg(),
                "systems": results, "comparison": rows})
