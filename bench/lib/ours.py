@@ -3,8 +3,7 @@
 Contract: infinillm is imported inside the functions, so that bench.lib imports without it
 (only the project's venv can call them). Engine state is read through public calls only:
 `add_request`, `prepare`, `step`, `last_step` (a `StepRecord`), `cluster_stats`,
-`check_integrity`, `migrate_block`. The one exception, which instance holds each block of a
-request, is read in `block_holders` alone, so that an engine change is adapted in one place.
+`check_integrity`, `migrate_block`, `block_locations`.
 """
 
 from __future__ import annotations
@@ -151,14 +150,10 @@ def longest_admitted(engine) -> int:
 
 
 def block_holders(engine, request_id: str) -> list[int] | None:
-    """The instance holding each logical block of a running request, in order; None when no
-    instance owns it (it has not started or has ended). Reads the owner's block table: the
-    only engine internal the benchmarks touch."""
-    for inst in engine.instances:
-        table = inst.rmanager.tables.get(request_id)
-        if table is not None:
-            return [holder for holder, _ in table.entries]
-    return None
+    """The instance holding each logical block of a running request, in order; None when it
+    holds no blocks (it has not started or has ended)."""
+    locations = engine.block_locations(request_id)
+    return None if locations is None else [holder for holder, _ in locations]
 
 
 def serve_one(llm, prompt: list[int], max_tokens: int) -> dict:

@@ -249,6 +249,15 @@ class ClusterEngine:
                 raise RuntimeError(f"instance {inst.instance_id} holds blocks of requests that "
                                    f"are not running: {sorted(stray)}")
 
+    def block_locations(self, request_id: RequestId) -> list[tuple[InstanceId, int]] | None:
+        """Where each logical block of a running request lives, as (instance, block) pairs in
+        position order; None when the request holds no blocks."""
+        stream = self.streams.get(request_id)
+        if stream is None or stream.request.instance_id not in self._by_id:
+            return None
+        rm = self.instance(stream.request.instance_id).rmanager
+        return rm.block_locations(request_id) if request_id in rm.request_ids() else None
+
     def num_free_blocks(self) -> list[int]:
         return [inst.rmanager.num_free_blocks for inst in self.instances]
 
