@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,13 @@ class EngineParts:
     load_seconds: float
 
 
-def build_engine_parts(config: Config) -> EngineParts:
+ExecutorFactory = Callable[[Config, InstanceSpec, list[InstanceId]], Executor]
+
+
+def build_engine_parts(config: Config,
+                       executor_factory: ExecutorFactory = make_executor) -> EngineParts:
+    """`executor_factory` makes the executor (the one `config.runtime.executor` names, by
+    default); an executor that runs no model (a simulator, a test's) drives the same engine."""
     started = time.perf_counter()
     path = resolve_model_path(config.model.model)
     arch = load_arch(path)
@@ -84,7 +91,7 @@ def build_engine_parts(config: Config) -> EngineParts:
                             int(num_blocks * cluster.recall_headroom_fraction))
     spec = InstanceSpec(path, arch, dtype, num_blocks, config.cache.block_size,
                         config.runtime.device)
-    executor = make_executor(config, spec, ids)
+    executor = executor_factory(config, spec, ids)
     seconds = time.perf_counter() - started
     logger.info("loaded %s (%s, %d layers) in %.1f s; %d instance(s) x %d blocks of %d tokens",
                 path, arch.architecture, arch.num_layers, seconds, cluster.num_instances,

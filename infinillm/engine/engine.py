@@ -18,7 +18,7 @@ import logging
 
 from infinillm.cluster import InstanceView, Settlement
 from infinillm.config import Config
-from infinillm.engine.builder import EngineParts, Instance, build_engine_parts
+from infinillm.engine.builder import EngineParts, ExecutorFactory, Instance, build_engine_parts
 from infinillm.engine.clock import Clock, WallClock
 from infinillm.engine.intake import Intake, PreparedPrompt, route
 from infinillm.engine.output import OutputStream
@@ -68,8 +68,11 @@ class ClusterEngine:
         self._standstill = False  # the last step ran nothing while requests were running
 
     @classmethod
-    def from_config(cls, config: Config, clock: Clock | None = None) -> ClusterEngine:
-        return cls(config, build_engine_parts(config), clock)
+    def from_config(cls, config: Config, clock: Clock | None = None,
+                    executor_factory: ExecutorFactory | None = None) -> ClusterEngine:
+        parts = (build_engine_parts(config) if executor_factory is None
+                 else build_engine_parts(config, executor_factory))
+        return cls(config, parts, clock)
 
     def instance(self, iid: InstanceId) -> Instance:
         try:

@@ -1,0 +1,101 @@
+"""The engine's seams: an executor that runs no model, on a virtual clock, drives the very same
+engine, schedulers, ledger and rebalancer (what a simulated cluster plugs into)."""
+
+from __future__ import annotations
+
+import pytest
+
+from infinillm.config import Config
+from infinillm.engine import ClusterEngine, VirtualClock, WallClock
+from infinillm.runtime.executor import Executor, StepResult
+from infinillm.runtime.fabric import FabricStats
+from infinillm.types import SamplingParams
+
+SECONDS_PER_TOKEN = 0.001
+STEP_OVERHEAD_S = 0.01
+
+
+class ScriptedExecutor(Executor):
+    """Samples token 5 for every request that samples; a step of an instance takes a fixed
+    overhead plus a cost per token. Records what it was asked to do."""
+
+    def __init__(self, config, spec, instance_ids) -> None:
+        self.instance_ids = list(instance_ids)
+        self.num_blocks = spec.num_blocks
+        self.moves = []
+        self.plans = []
+
+    def execute(self, plans):
+        self.plans.append(plans)
+        result = StepResult({}, {})
+        for plan in plans:
+            for chunk in plan.chunks:
+                for holder, block in chunk.blocks:
+                    assert holder in self.instance_ids and 0 <= block < self.num_blocks
+                if chunk.sample:
+                    result.sampled[chunk.request_id] = 5
+            if plan.chunks:
+                result.seconds[plan.instance_id] = (STEP_OVERHEAD_S
+                                                    + SECONDS_PER_TOKEN * plan.num_tokens)
+        return result
+
+    def move_blocks(self, moves):
+        self.moves += moves
+
+    def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
+        return FabricStats()
+
+
+def engine_on(tiny_llama, clock, **settings) -> ClusterEngine:
+    config = Config.from_kwargs(model=tiny_llama, block_size=4, **settings)
+    return ClusterEngine.from_config(config, clock, ScriptedExecutor)
+
+
+def test_virtual_time_moves_by_the_slowest_instance_of_each_step(tiny_llama):
+    clock = VirtualClock()
+    engine = engine_on(tiny_llama, clock, num_instances=2, kv_blocks_per_instance=16,
+                       max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request([7] * n, params) for n in (30, 9, 17)]
+    done, expected_now = {}, 0.0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        record = engine.last_step
+        busy = [i for i in record.instances if i.num_tokens]
+        slowest = max((STEP_OVERHEAD_S + SECONDS_PER_TOKEN * i.num_tokens for i in busy),
+                      default=0.0)
+        assert record.start_s == pytest.approx(expected_now)
+        expected_now += slowest
+        assert record.end_s == pytest.approx(expected_now) == clock.now()
+        assert record.num_tokens == sum(i.num_tokens for i in record.instances)
+        done.update({o.request_id: o for o in outputs if o.finished})
+        engine.check_integrity()
+    assert sorted(done) == sorted(ids)
+    assert all(o.outputs[0].token_ids == [5] * 6 for o in done.values())
+    assert engine.num_free_blocks() == [16, 16]
+    assert engine.last_step.index == engine.num_steps - 1
+
+
+def test_borrowing_and_recall_run_without_a_model(tiny_llama):
+    """A prompt longer than one pool borrows; the ledger and pools stay whole every step."""
+    engine = engine_on(tiny_llama, VirtualClock(), num_instances=3, kv_blocks_per_instance=8,
+                       max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    rid = engine.add_request([7] * 50, params)  # one pool holds 8 blocks (32 positions)
+    max_borrowed = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_integrity()
+        max_borrowed = max(max_borrowed, sum(i.rmanager.num_borrowed_blocks()
+                                             for i in engine.instances))
+    # after the step before the last, 56 positions are stored: 14 blocks, 6 of them borrowed
+    assert max_borrowed == 6 and engine.num_free_blocks() == [8, 8, 8]
+    assert engine.cluster_stats()["debts"] == [] and rid not in engine.streams
+
+
+def test_wall_clock_is_the_default(tiny_llama):
+    engine = engine_on(tiny_llama, None, kv_blocks_per_instance=4)
+    assert isinstance(engine.clock, WallClock)
+    engine.add_request([7, 8], SamplingParams(max_tokens=1, temperature=0.0))
+    engine.step()
+    assert engine.last_step.end_s >= engine.last_step.start_s
