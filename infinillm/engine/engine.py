@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from infinillm.attention import set_backend
 from infinillm.cluster import GManager, RManager
 from infinillm.config import Config
 from infinillm.engine.output import OutputStream
@@ -67,7 +66,6 @@ class ClusterEngine:
         arch = load_arch(path)
         self.arch = arch
         dtype = TORCH_DTYPES[config.model.dtype]
-        set_backend(config.runtime.attention_backend)
         if config.runtime.num_threads:
             torch.set_num_threads(config.runtime.num_threads)
         # A folder without a tokenizer still serves token-id prompts (text is then empty).
@@ -92,7 +90,8 @@ class ClusterEngine:
         self.gmanager = GManager(int(num_blocks * cluster.recall_headroom_fraction))
         ids = [InstanceId(i) for i in range(cluster.num_instances)]
         spec = InstanceSpec(path, arch, dtype, num_blocks, cache.block_size,
-                            config.runtime.device)
+                            config.runtime.device,
+                            attention_backend=config.runtime.attention_backend)
         self.executor = make_executor(config, spec, ids)
         self.instances = [self._make_instance(i, num_blocks) for i in ids]
         self.num_migrations = 0
