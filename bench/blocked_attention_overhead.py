@@ -5,12 +5,13 @@ read through a block table vs `scaled_dot_product_attention` on contiguous tenso
 
 One query token (SmolLM2-135M shapes: 9 query heads over 3 KV heads, head_dim 64, fp32) over
 `--context` tokens of K/V. The contiguous baseline is `F.scaled_dot_product_attention` on
-[1, Hkv, L, D] tensors. The blocked cases run infinillm's paged attention (`blocked_decode`
-below) on a cache of [Hkv, num_blocks, block_size, D] with three block tables: adjacent ids (a
-request that grew in an idle pool: read in place), runs of 64 blocks (a pool shared by a few
-requests), and a random permutation (worst case: one gather). Each time is the best of 5 rounds
-of `--repeats` calls after 3 untimed ones. Bytes/s counts K and V read once, against the
-machine's copy bandwidth measured in the same run. Prints a table and, last, one JSON line.
+[1, Hkv, L, D] tensors. The blocked cases run what infinillm's worker runs for a decode token
+(`chunk_attention` of the default CPU backend, in `blocked_decode` below) on a cache of
+[Hkv, num_blocks, block_size, D] with three block tables: adjacent ids (a request that grew
+in an idle pool: read in place), runs of 64 blocks (a pool shared by a few requests), and a
+random permutation (worst case: one gather). Each time is the best of 5 rounds of `--repeats`
+calls after 3 untimed ones. Bytes/s counts K and V read once, against the machine's copy
+bandwidth measured in the same run. Prints a table and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ from bench.lib.report import emit_json, machine_info, print_table
 def blocked_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    block_ids: list[int], start_pos: int, scale: float) -> torch.Tensor:
     """infinillm's attention of `query` [1, Hq, D] at position `start_pos` over the blocks
-    `block_ids` of caches [Hkv, num_blocks, block_size, D]; out [1, Hq, D].
+    `block_ids` of caches [Hkv, num_blocks, block_size, D]; out [1, Hq, D]. As in the worker,
+    the query's own K/V [Hkv, 1, D] come fresh (here: read from its slot) and the prefix
+    [0, start_pos) is read through the block table."""
+    from infinillm.attention import get_backend
 
-    The only place this file touches infinillm's attention API: when backends become objects
-    from a registry, adapt these lines (and nothing else)."""
-    from infinillm.attention import paged_attention
-
-    out, _lse = paged_attention(query, key_cache, value_cache, block_ids, start_pos=start_pos,
-                                scale=scale)
+    block, offset = divmod(start_pos, key_cache.shape[2])
+    slot = slice(offset, offset + 1)
+    key, value = key_cache[:, block_ids[block], slot], value_cache[:, block_ids[block], slot]
+    out, _lse = get_backend("auto").chunk_attention(query, key, value, key_cache, value_cache,
+                                                    block_ids, start_pos, scale=scale)
     return out
 
 

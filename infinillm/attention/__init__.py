@@ -1,21 +1,45 @@
-"""Attention primitives: micro-attention returning (out, lse), the exact merge, paged variants."""
+"""Attention: backends behind one interface, chosen per worker by name, and the exact merge.
 
-from infinillm.attention.ops import BACKENDS, get_backend, merge, micro_attention, set_backend
-from infinillm.attention.paged import (
-    blocks_attention,
-    padded_decode_attention,
-    paged_attention,
-    slot_runs,
-)
+    get_backend("auto" | "torch" | "cpu_flash", device) -> AttentionBackend
+        .micro_attention, .blocks_attention, .chunk_attention, .padded_decode_attention
+    merge(outs, lses) -> (out, lse)             backend-independent
+    backend_names()                             the names `get_backend` accepts
+
+The registry is imported eagerly and imports no torch; the torch-bound names load on first use,
+so that listing backend names (configuration, command line) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from infinillm.attention.registry import backend_names, get_backend, resolve_backend_name
+
+if TYPE_CHECKING:
+    from infinillm.attention.backend import AttentionBackend, Partial
+    from infinillm.attention.blocks import slot_runs
+    from infinillm.attention.partials import merge
+
+_LAZY = {
+    "AttentionBackend": "infinillm.attention.backend",
+    "Partial": "infinillm.attention.backend",
+    "merge": "infinillm.attention.partials",
+    "slot_runs": "infinillm.attention.blocks",
+}
 
 __all__ = [
-    "BACKENDS",
-    "blocks_attention",
+    "AttentionBackend",
+    "Partial",
+    "backend_names",
     "get_backend",
     "merge",
-    "micro_attention",
-    "padded_decode_attention",
-    "paged_attention",
-    "set_backend",
+    "resolve_backend_name",
     "slot_runs",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

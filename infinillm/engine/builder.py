@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from infinillm.attention import set_backend
 from infinillm.cluster import GManager, Rebalancer, RManager
 from infinillm.config import Config
 from infinillm.engine.scheduler import Scheduler
@@ -74,7 +73,6 @@ def build_engine_parts(config: Config,
     path = resolve_model_path(config.model.model)
     arch = load_arch(path)
     dtype = TORCH_DTYPES[config.model.dtype]
-    set_backend(config.runtime.attention_backend)
     if config.runtime.num_threads:
         torch.set_num_threads(config.runtime.num_threads)
     tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
@@ -90,7 +88,7 @@ def build_engine_parts(config: Config,
     rebalancer = Rebalancer(gmanager, cluster.recall_blocks_per_step,
                             int(num_blocks * cluster.recall_headroom_fraction))
     spec = InstanceSpec(path, arch, dtype, num_blocks, config.cache.block_size,
-                        config.runtime.device)
+                        config.runtime.device, config.runtime.attention_backend)
     executor = executor_factory(config, spec, ids)
     seconds = time.perf_counter() - started
     logger.info("loaded %s (%s, %d layers) in %.1f s; %d instance(s) x %d blocks of %d tokens",

@@ -1,7 +1,7 @@
 """KVStorage: the only owner of KV tensors on an instance.
 
 Per layer, keys and values are [Hkv, num_blocks, block_size, D] (head-major: a run of
-consecutive blocks is one strided view per head, see attention/paged.py). Tensors are zeroed at
+consecutive blocks is one strided view per head, see attention/blocks.py). Tensors are zeroed at
 start so that padded reads never meet NaN garbage.
 """
 

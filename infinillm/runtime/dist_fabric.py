@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from infinillm.attention import AttentionBackend
 from infinillm.kvcache import KVStorage
 from infinillm.runtime.fabric import Fabric, Partial, nbytes, serve
 from infinillm.runtime.traffic import RemoteWork
@@ -27,10 +28,12 @@ from infinillm.types import BlockMove, InstanceId
 
 
 class DistFabric(Fabric):
-    def __init__(self, me: InstanceId, storage: KVStorage, num_heads: int) -> None:
+    def __init__(self, me: InstanceId, storage: KVStorage, attention: AttentionBackend,
+                 num_heads: int) -> None:
         super().__init__()
         self.me = me
         self.storage = storage
+        self.attention = attention
         self.num_heads = num_heads
         self.kv_heads = storage.keys.shape[1]
         self.head_dim = storage.keys.shape[-1]
@@ -95,7 +98,8 @@ class DistFabric(Fabric):
         replies = []
         for buf, owner in recvs:
             work = self.incoming[owner]
-            partials = serve(self.storage, layer, work, *self._unpack_request(buf, work), scale)
+            partials = serve(self.storage, self.attention, layer, work,
+                             *self._unpack_request(buf, work), scale)
             if partials:
                 outs = torch.cat([o.reshape(-1) for o, _ in partials]).to(self.dtype)
                 lses = torch.cat([lse.reshape(-1) for _, lse in partials]).float()

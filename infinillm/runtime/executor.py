@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from infinillm.attention import get_backend
 from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel, ModelArch, load_state_dict
 from infinillm.runtime.fabric import FabricStats, InProcFabric
@@ -40,17 +41,20 @@ class InstanceSpec:
     num_blocks: int
     block_size: int
     device: str
+    attention_backend: str = "auto"  # a name of infinillm.attention.backend_names()
 
 
 def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
                  fabric) -> Worker:
-    """A worker with its own KV storage; loads the model unless one is given (shared)."""
+    """A worker with its own KV storage and attention backend; loads the model unless one is
+    given (shared)."""
+    attention = get_backend(spec.attention_backend, spec.device)  # before the slow load
     if model is None:
         model = LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype), spec.dtype)
     arch = spec.arch
     storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks,
                         spec.block_size, spec.dtype, spec.device)
-    return Worker(iid, model, storage, fabric)
+    return Worker(iid, model, storage, attention, fabric)
 
 
 @dataclass(slots=True)
@@ -91,7 +95,7 @@ class InProcExecutor(Executor):
         self.fabric = InProcFabric()
         self.workers = {i: build_worker(spec, i, model, self.fabric) for i in instance_ids}
         for iid, worker in self.workers.items():
-            self.fabric.register(iid, worker.storage)
+            self.fabric.register(iid, worker.storage, worker.attention)
 
     def execute(self, plans: list[StepPlan]) -> StepResult:
         result = StepResult({}, {})

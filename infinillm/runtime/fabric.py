@@ -9,6 +9,7 @@ swap blocks.
 
 `InProcFabric` serves instances in one process (the owner's call works on the holder's storage
 directly). `DistFabric` (dist_fabric.py) does the same among processes over torch.distributed.
+Either way a holder computes with its own worker's AttentionBackend.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infinillm.attention import blocks_attention
+from infinillm.attention import AttentionBackend, Partial
 from infinillm.kvcache import KVStorage
 from infinillm.runtime.traffic import RemoteWork
 from infinillm.types import BlockMove, InstanceId
-
-Partial = tuple[torch.Tensor, torch.Tensor]  # (out [Lq, Hq, D], lse [Hq, Lq] float32)
 
 
 @dataclass(slots=True)
@@ -50,16 +49,20 @@ class FabricStats:
         self.bytes_sent += sent
 
 
-def serve(storage: KVStorage, layer: int, work: RemoteWork, k: torch.Tensor, v: torch.Tensor,
-          queries: list[torch.Tensor], scale: float) -> list[Partial]:
-    """The holder's side of one owner's work: store K/V rows, compute each micro-attention.
+def serve(storage: KVStorage, attention: AttentionBackend, layer: int, work: RemoteWork,
+          k: torch.Tensor, v: torch.Tensor, queries: list[torch.Tensor],
+          scale: float) -> list[Partial]:
+    """The holder's side of one owner's work: store K/V rows, compute each micro-attention
+    with the holder's backend.
 
-    k, v [len(work.write_rows), Hkv, D]; queries[i] [work.items[i].num_rows, Hq, D]."""
+    k, v [len(work.write_rows), Hkv, D]; queries[i] [work.items[i].num_rows, Hq, D]; each
+    partial is (out [num_rows, Hq, D], lse [Hq, num_rows] float32)."""
     if work.write_rows:
         storage.write(layer, torch.tensor(work.write_slots, dtype=torch.int64), k, v)
     key_cache, value_cache = storage.layer(layer)
-    return [blocks_attention(q, key_cache, value_cache, i.prefix.block_ids, i.prefix.num_tokens,
-                             scale=scale) for q, i in zip(queries, work.items)]
+    return [attention.blocks_attention(q, key_cache, value_cache, i.prefix.block_ids,
+                                       i.prefix.num_tokens, scale=scale)
+            for q, i in zip(queries, work.items)]
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -93,14 +96,17 @@ class Fabric(ABC):
 
 
 class InProcFabric(Fabric):
-    """Instances in this process: a holder's work is a call on its KVStorage."""
+    """Instances in this process: a holder's work is a call on its KVStorage and backend."""
 
     def __init__(self) -> None:
         super().__init__()
         self.storages: dict[InstanceId, KVStorage] = {}
+        self.backends: dict[InstanceId, AttentionBackend] = {}
 
-    def register(self, instance: InstanceId, storage: KVStorage) -> None:
+    def register(self, instance: InstanceId, storage: KVStorage,
+                 attention: AttentionBackend) -> None:
         self.storages[instance] = storage
+        self.backends[instance] = attention
 
     def exchange(self, me, layer, outgoing, q, k, v, scale):
         started = time.perf_counter()
@@ -108,8 +114,8 @@ class InProcFabric(Fabric):
         for holder, work in outgoing.items():
             rows = torch.tensor(work.write_rows, dtype=torch.int64)
             queries = [q[i.row : i.row + i.num_rows] for i in work.items]
-            results[holder] = serve(self.storages[holder], layer, work, k[rows], v[rows],
-                                    queries, scale)
+            results[holder] = serve(self.storages[holder], self.backends[holder], layer, work,
+                                    k[rows], v[rows], queries, scale)
             sent = nbytes(k[rows], v[rows], *queries)
             sent += sum(nbytes(o, lse) for o, lse in results[holder])
             self.stats.count(me, holder, work, sent)

@@ -32,18 +32,16 @@ logger = logging.getLogger("infinillm")
 class InstanceActor:
     """One instance's worker and fabric, living in a Ray actor process."""
 
-    def __init__(self, spec: InstanceSpec, iid: InstanceId, num_threads: int | None,
-                 attention_backend: str) -> None:
+    def __init__(self, spec: InstanceSpec, iid: InstanceId, num_threads: int | None) -> None:
         import torch
 
-        from infinillm.attention import set_backend
         from infinillm.runtime.dist_fabric import DistFabric
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        set_backend(attention_backend)
         self.worker = build_worker(spec, iid, None, None)
-        self.fabric = DistFabric(iid, self.worker.storage, spec.arch.num_heads)
+        self.fabric = DistFabric(iid, self.worker.storage, self.worker.attention,
+                                 spec.arch.num_heads)
         self.worker.fabric = self.fabric
 
     def address(self) -> tuple[str, int]:
@@ -101,8 +99,7 @@ class RayExecutor(Executor):
         actor_cls = ray.remote(num_cpus=runtime.cpus_per_instance, num_gpus=gpus,
                                max_restarts=0)(InstanceActor)
         threads = runtime.num_threads or max(1, int(runtime.cpus_per_instance))
-        self.actors = {i: actor_cls.remote(spec, i, threads, runtime.attention_backend)
-                       for i in instance_ids}
+        self.actors = {i: actor_cls.remote(spec, i, threads) for i in instance_ids}
         self.block_size = spec.block_size
         self.timeout_s = runtime.dist_timeout_s
         self._stats_cache: tuple[float, FabricStats | None] = (0.0, None)

@@ -8,22 +8,19 @@ supplies the model with an attention function that runs DistAttention per layer:
 - write the step's K/V into local slots; the fabric's one exchange per layer carries the rows
   bound for other holders together with the queries those holders must attend with;
 - decode tokens of requests whose blocks are all local, with short contexts, share one padded
-  kernel call;
-- every other request gets partials, merged exactly: its chunk attending causally to itself
-  (from the fresh K/V, no cache read), its earlier positions stored here (read in place where
-  blocks are adjacent), and those stored on each holder, computed there.
+  kernel call (`padded_decode_attention`);
+- every other request gets partials, merged exactly (`chunk_attention`): its chunk attending
+  causally to itself (from the fresh K/V, no cache read), its earlier positions stored here
+  (read in place where blocks are adjacent), and those stored on each holder, computed there.
+
+The kernels are the worker's own AttentionBackend, chosen when the worker is built.
 """
 
 from __future__ import annotations
 
 import torch
 
-from infinillm.attention import (
-    blocks_attention,
-    merge,
-    micro_attention,
-    padded_decode_attention,
-)
+from infinillm.attention import AttentionBackend
 from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel
 from infinillm.runtime.fabric import Fabric, Partial
@@ -35,9 +32,11 @@ from infinillm.types import InstanceId, RequestId, ScheduledChunk, StepPlan
 class _StepAttention:
     """The AttentionFn of one step."""
 
-    def __init__(self, me: InstanceId, storage: KVStorage, fabric: Fabric | None,
-                 chunks: list[ScheduledChunk], num_padded: int, scale: float) -> None:
+    def __init__(self, me: InstanceId, storage: KVStorage, attention: AttentionBackend,
+                 fabric: Fabric | None, chunks: list[ScheduledChunk], num_padded: int,
+                 scale: float) -> None:
         self.me, self.storage, self.fabric, self.scale = me, storage, fabric, scale
+        self.attention = attention
         bs = storage.block_size
         self.remote = remote_work(me, chunks, num_padded, bs)
         self.exchanging = fabric is not None and (bool(self.remote) or fabric.active(me))
@@ -92,21 +91,20 @@ class _StepAttention:
                 for item, partial in zip(self.remote[holder].items, partials):
                     remote[item.row, holder] = partial
         key_cache, value_cache = self.storage.layer(layer)
-        parts = []
+        attention, parts = self.attention, []
         if self.num_padded:
-            out, _ = padded_decode_attention(q[: self.num_padded], key_cache, value_cache,
-                                             self.slot_table, self.mask, scale=self.scale)
+            out, _ = attention.padded_decode_attention(
+                q[: self.num_padded], key_cache, value_cache, self.slot_table, self.mask,
+                scale=self.scale)
             parts.append(out)
         for row, n, local, holders in self.single:
             rows = slice(row, row + n)
-            partials = [micro_attention(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1),
-                                        scale=self.scale, causal=True)]
-            if local is not None:
-                partials.append(blocks_attention(q[rows], key_cache, value_cache,
-                                                 local.block_ids, local.num_tokens,
-                                                 scale=self.scale))
-            partials += [remote[row, holder] for holder in holders]
-            parts.append(merge([p[0] for p in partials], [p[1] for p in partials])[0])
+            block_ids, num_local = (local.block_ids, local.num_tokens) if local else ((), 0)
+            out, _ = attention.chunk_attention(
+                q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1), key_cache,
+                value_cache, block_ids, num_local, scale=self.scale,
+                partials=[remote[row, holder] for holder in holders])
+            parts.append(out)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -114,10 +112,11 @@ class Worker:
     """Runs one instance: `execute(plan)` returns the sampled token of every sampling chunk."""
 
     def __init__(self, instance_id: InstanceId, model: LlamaModel, storage: KVStorage,
-                 fabric: Fabric | None = None) -> None:
+                 attention: AttentionBackend, fabric: Fabric | None = None) -> None:
         self.instance_id = instance_id
         self.model = model
         self.storage = storage
+        self.attention = attention  # this instance's kernels; its fabric serves holders with it
         self.fabric = fabric
 
     def execute(self, plan: StepPlan) -> dict[RequestId, int]:
@@ -126,8 +125,8 @@ class Worker:
                 self._serve_only()
             return {}
         chunks, num_padded = order_chunks(self.instance_id, plan.chunks)
-        attn = _StepAttention(self.instance_id, self.storage, self.fabric, chunks, num_padded,
-                              self.model.scale)
+        attn = _StepAttention(self.instance_id, self.storage, self.attention, self.fabric,
+                              chunks, num_padded, self.model.scale)
         token_ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
