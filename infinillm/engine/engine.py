@@ -23,7 +23,7 @@ from infinillm.engine.clock import Clock, WallClock
 from infinillm.engine.intake import Intake, PreparedPrompt, route
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import SchedulerOutput
-from infinillm.engine.stats import cluster_stats
+from infinillm.engine.stats import check_integrity, cluster_stats
 from infinillm.runtime.executor import InstanceLost, StepResult
 from infinillm.types import (
     BlockMove,
@@ -242,15 +242,8 @@ class ClusterEngine:
     # ---- inspection -----------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        if self.gmanager is not None:
-            self.gmanager.check_integrity()
-        for inst in self.instances:
-            inst.rmanager.check_integrity()
-            live = {r.request_id for r in inst.scheduler.running}
-            stray = set(inst.rmanager.request_ids()) - live
-            if stray:
-                raise RuntimeError(f"instance {inst.instance_id} holds blocks of requests that "
-                                   f"are not running: {sorted(stray)}")
+        """RuntimeError with the numbers if the pools, tables, ledger or batches disagree."""
+        check_integrity(self)
 
     def block_locations(self, request_id: RequestId) -> list[tuple[InstanceId, int]] | None:
         """Where each logical block of a running request lives, as (instance, block) pairs in

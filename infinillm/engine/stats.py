@@ -1,4 +1,5 @@
-"""A JSON-ready snapshot of the cluster: what /v1/cluster, /metrics and the live page show."""
+"""Inspection: the cluster snapshot behind /v1/cluster, /metrics and the live page, and the
+integrity check tests run after steps."""
 
 from __future__ import annotations
 
@@ -42,3 +43,17 @@ def cluster_stats(engine: ClusterEngine) -> dict:
         "standstills": engine.rebalancer.num_standstills,
         "preemptions": sum(i["preemptions"] for i in instances),
     }
+
+
+def check_integrity(engine: ClusterEngine) -> None:
+    """Every pool, table and the ledger agree (conservation), and only running requests hold
+    blocks; RuntimeError with the numbers otherwise."""
+    if engine.gmanager is not None:
+        engine.gmanager.check_integrity()
+    for inst in engine.instances:
+        inst.rmanager.check_integrity()
+        live = {r.request_id for r in inst.scheduler.running}
+        stray = set(inst.rmanager.request_ids()) - live
+        if stray:
+            raise RuntimeError(f"instance {inst.instance_id} holds blocks of requests that "
+                               f"are not running: {sorted(stray)}")
