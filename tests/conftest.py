@@ -7,6 +7,7 @@ transformers and infinillm. head_dim 64 and GQA (4 query heads over 2 KV heads).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,24 @@ TINY = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
+
+
+SERVER_TESTS = Path(__file__).parent / "server"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tiers by place and need: every test under tests/server carries `server` (so a new file
+    there joins the tier without remembering a marker); `gpu` tests skip without CUDA."""
+    no_cuda = pytest.mark.skip(reason="needs CUDA; torch sees no CUDA device")
+    cuda = None
+    for item in items:
+        if SERVER_TESTS in item.path.parents:
+            item.add_marker(pytest.mark.server)
+        if item.get_closest_marker("gpu"):
+            cuda = torch.cuda.is_available() if cuda is None else cuda
+            if not cuda:
+                item.add_marker(no_cuda)
 
 
 def _save_tiny(kind: str, folder) -> None:
@@ -50,7 +69,13 @@ def _save_tiny(kind: str, folder) -> None:
     model.save_pretrained(folder)
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+# Llama runs in every tier; the sweep over the other architectures (Qwen2's biases, Qwen3's
+# q/k norms) repeats each engine test per model, so it is the slow tier's.
+ARCHITECTURES = ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
+                 pytest.param("qwen3", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
 def tiny_model(request, tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
     _save_tiny(request.param, folder)

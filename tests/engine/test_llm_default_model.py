@@ -6,6 +6,9 @@ import pytest
 
 from infinillm import LLM, SamplingParams
 
+# Loads and runs the real default model (135M parameters): seconds per test on 2 cores.
+pytestmark = pytest.mark.slow
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -1,4 +1,4 @@
-"""The default model's cache: location, contents, warm start cost, atomic and locked conversion.
+"""The default model's cache: location, contents, warm start, atomic and locked conversion.
 
 The real conversion runs once per machine (in the user's cache); the cache logic itself is
 tested in temporary cache folders with a stand-in for the transformers conversion step.
@@ -6,13 +6,13 @@ tested in temporary cache folders with a stand-in for the transformers conversio
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,6 @@ def fake_conversion(monkeypatch, tmp_path):
 
     def write(gguf_file: Path, out_dir: Path) -> None:
         calls.append(out_dir)
-        time.sleep(0.2)  # long enough for a second thread to queue on the lock
         for name in MODEL_FILES:
             (out_dir / name).write_text("{}")
 
@@ -94,24 +93,32 @@ def _safetensors_dtypes(path: Path) -> set[str]:
     return {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
 
 
-def test_warm_call_is_fast_and_imports_no_transformers(model_dir):
+@pytest.mark.slow  # a fresh interpreter that imports torch: seconds
+def test_warm_call_imports_nothing_and_does_not_convert(model_dir):
+    # "Fast" as behaviour, not as a time: a warm call only reads the folder. It loads no module
+    # at all (transformers model code alone costs seconds to import) and never reaches the
+    # conversion, which is replaced by one that fails; the folder's marker stays as it was.
+    marker = model_dir / default_model.MARKER_FILE
+    marker_before = (marker.read_bytes(), marker.stat().st_mtime_ns)
     script = (
-        "import json, sys, time\n"
-        "from infinillm.model.default_model import default_model_path\n"
-        "start = time.perf_counter()\n"
-        "path = default_model_path()\n"
-        "seconds = time.perf_counter() - start\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')\n"
-        "print(json.dumps({'path': str(path), 'seconds': seconds, 'transformers': loaded}))\n"
+        "import json, sys\n"
+        "from infinillm.model import default_model\n"
+        "def refuse(*args):\n"
+        "    raise AssertionError('the warm call converted again')\n"
+        "default_model.convert_gguf = default_model._write_hf_folder = refuse\n"
+        "before = set(sys.modules)\n"
+        "path = default_model.default_model_path()\n"
+        "loaded = sorted(set(sys.modules) - before)\n"
+        "transformers = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')\n"
+        "print(json.dumps({'path': str(path), 'loaded': loaded, 'transformers': transformers}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["path"] == str(model_dir)
-    assert result["transformers"] == []
-    assert result["seconds"] < 0.5
+    assert result == {"path": str(model_dir), "loaded": [], "transformers": []}
+    assert (marker.read_bytes(), marker.stat().st_mtime_ns) == marker_before
 
 
 def test_leftover_temp_folder_is_not_cached_and_is_cleaned(fake_conversion):
@@ -139,13 +146,55 @@ def test_interrupted_conversion_leaves_no_target(monkeypatch, fake_conversion):
     assert list(target.parent.glob(f".{target.name}.tmp-*")) == []
 
 
-def test_concurrent_conversions_convert_once(fake_conversion):
+class ContendedLock:
+    """Stands in for the `fcntl` module in default_model: an exclusive flock first tries
+    without blocking, and when the lock is held it sets `contended` before waiting for it.
+    So `contended` is the event "a second converter found the lock taken and queued on it"."""
+
+    LOCK_EX, LOCK_UN, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_UN, fcntl.LOCK_NB
+
+    def __init__(self) -> None:
+        self.contended = threading.Event()
+
+    def flock(self, fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                self.contended.set()
+        fcntl.flock(fd, operation)
+
+
+def test_concurrent_conversions_convert_once(monkeypatch, fake_conversion):
+    # flock locks belong to open files, so two threads that each open the lock file exclude
+    # each other as two processes would. The first converter holds the lock until the second
+    # has queued on it: then only the re-check under the lock can prevent a second conversion.
+    lock = ContendedLock()
+    monkeypatch.setattr(default_model, "fcntl", lock)
+    fake_write = default_model._write_hf_folder
+
+    def write_once_the_other_waits(gguf_file: Path, out_dir: Path) -> None:
+        assert lock.contended.wait(timeout=60), "the second converter never reached the lock"
+        fake_write(gguf_file, out_dir)
+
+    monkeypatch.setattr(default_model, "_write_hf_folder", write_once_the_other_waits)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(default_model_path())) for _ in "ab"]
+    errors: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            results.append(default_model_path())
+        except BaseException as error:  # a thread's exception would otherwise be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=convert) for _ in "ab"]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert errors == []
+    assert lock.contended.is_set()
     assert results == [default_model_dir()] * 2
     assert len(fake_conversion) == 1
 
@@ -170,6 +219,7 @@ def test_missing_model_package_says_how_to_install(monkeypatch, fake_conversion)
         default_model_path()
 
 
+@pytest.mark.slow  # loads transformers' model code and the real model
 def test_transformers_answers_paris_from_the_converted_folder(model_dir):
     import torch
     from transformers import AutoModelForCausalLM

@@ -10,6 +10,9 @@ import torch
 
 from infinillm import LLM, SamplingParams
 
+# A Ray cluster and its actor processes: tens of seconds to start on 2 cores.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 SETTINGS = dict(block_size=4, kv_blocks_per_instance=14, num_instances=2,
                 max_num_batched_tokens=16)

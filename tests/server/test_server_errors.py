@@ -111,6 +111,7 @@ def send(http: httpx.Client, path: str, body) -> httpx.Response:
                      headers={"content-type": "application/json"})
 
 
+@pytest.mark.slow  # 130 requests, many of which generate tokens
 @settings(max_examples=130, **SETTINGS)
 @given(case=mutated())
 def test_mutated_requests(http, case):

@@ -14,6 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+# A headless Chromium renders the page (seconds, and a first-time install).
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 ENSURE = Path(__file__).with_name("ensure_chromium.sh")
 
