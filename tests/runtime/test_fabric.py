@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from infinillm.attention import merge
+from infinillm.attention import get_backend, merge
 from infinillm.kvcache import KVStorage
 from infinillm.runtime.fabric import InProcFabric, serve
 from infinillm.runtime.traffic import Prefix, RemoteItem, RemoteWork, remote_work
@@ -20,6 +20,7 @@ LAYERS, HKV, HQ, D, BS, NUM_BLOCKS = 2, 2, 4, 8, 4, 6
 SCALE = 0.3  # not 1/sqrt(D): shows that the caller's scale is the one used
 A, B, C = InstanceId(0), InstanceId(1), InstanceId(2)
 FLOAT = 4  # bytes per float32
+ATTENTION = get_backend("auto")  # the default CPU backend; the holder computes with it
 
 
 def storage() -> KVStorage:
@@ -29,7 +30,7 @@ def storage() -> KVStorage:
 def fabric_of(num_instances: int) -> InProcFabric:
     fabric = InProcFabric()
     for i in range(num_instances):
-        fabric.register(InstanceId(i), storage())
+        fabric.register(InstanceId(i), storage(), ATTENTION)
     return fabric
 
 
@@ -187,7 +188,7 @@ def test_serve_writes_rows_at_their_slots_and_answers_each_item():
                       items=[RemoteItem(0, 2, Prefix([3, 0], 7)), RemoteItem(2, 1, Prefix([4], 1))])
     new_k, new_v = randn(2, HKV, D, seed=13), randn(2, HKV, D, seed=14)
     q = randn(3, HQ, D, seed=15)
-    partials = serve(s, 0, work, new_k, new_v, [q[0:2], q[2:3]], SCALE)
+    partials = serve(s, ATTENTION, 0, work, new_k, new_v, [q[0:2], q[2:3]], SCALE)
     seen = [12, 13, 14, 15, 0, 1, 2]  # block 3's four slots, then block 0's first three
     assert_close(partials[0], reference(q[0:2], keys[seen], values[seen], [99, 99], seen))
     assert_close(partials[1], reference(q[2:3], keys[16:17], values[16:17], [99], [16]))
