@@ -137,11 +137,12 @@ def test_with_lending_a_lone_request_that_finds_no_block_waits():
 def test_demand_of_the_queue_head():
     s = scheduler(num_blocks=8, block_size=4, budget=4)
     assert s.demand() == Demand(0, 0)
-    s.add(request("a", 10, 0))  # 11 positions: 3 blocks
-    s.add(request("b", 30, 1))  # 31 positions: 8 blocks
+    a, b = request("a", 10, 0), request("b", 30, 1)
+    s.add(a)  # 11 positions: 3 blocks
+    s.add(b)  # 31 positions: 8 blocks
     assert s.demand() == Demand(keep_free=3, reclaim=0)
     assert s.queued_blocks() == 3 + 8
-    s.waiting.popleft()
+    s.finish(a)  # aborted while waiting
     assert s.demand() == Demand(keep_free=8, reclaim=0)
     s.rmanager.allocate_slots(RequestId("x"), 8)  # 6 free: the head borrows, keeps nothing
     assert s.demand() == Demand(keep_free=0, reclaim=0)
