@@ -165,6 +165,15 @@ class GManager:
                 self.rmanagers[m.src[0]].release([m.src[1]])
         self.heartbeat_all()
 
+    def cancel_moves(self, moves: list[BlockMove]) -> None:
+        """Release the destinations `plan_move` reserved, for moves never applied (a swap's
+        destination is another move's source, still in use, and was never reserved)."""
+        sources = {m.src for m in moves}
+        for m in moves:
+            if m.dst not in sources:
+                self.rmanagers[m.dst[0]].release([m.dst[1]])
+        self.heartbeat_all()
+
     # ---- checks ---------------------------------------------------------------------------
 
     def check_integrity(self) -> None:

@@ -136,6 +136,10 @@ class Rebalancer:
             raise ValueError("migrating blocks needs lending (num_instances > 1, lending=True)")
         return self.gmanager.plan_move(owner, request_id, index, dst)
 
+    def cancel(self, moves: list[BlockMove]) -> None:
+        """Give back the destinations reserved for moves that were not carried out."""
+        self.gmanager.cancel_moves(moves)
+
     def commit(self, moves: list[BlockMove]) -> None:
         """Switch the control plane to moves the data plane has copied."""
         if moves:

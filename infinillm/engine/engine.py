@@ -1,12 +1,14 @@
 """ClusterEngine: the instances of one deployment and the step that drives them.
 
     step():  rebalance -> schedule -> run -> update
-      rebalance: the rebalancer's cluster-wide decisions between steps: requests of a lost
-                 instance, a standstill, block moves (recall, swaps, reclaims)
+      rebalance: the rebalancer's cluster-wide decisions between steps: a standstill of the
+                 last step, block moves (recall, swaps, reclaims)
       schedule:  each instance's Scheduler builds its StepPlan (blocks from its RManager,
                  borrowed through the GManager's ledger when its pool runs short)
       run:       the executor runs every instance's plan and samples
-      update:    sampled tokens go to their requests; finished requests free their blocks
+      update:    sampled tokens go to their requests; finished requests free their blocks;
+                 an instance lost during the step (or a move) is settled at once by the
+                 rebalancer, so nothing is routed to it afterwards
 
 What the engine runs on is made by the builder (builder.py); new requests pass the intake
 (intake.py: validation, admission, routing); time comes from an injected clock (clock.py).
@@ -24,12 +26,14 @@ from infinillm.engine.intake import Intake, PreparedPrompt, route
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import SchedulerOutput
 from infinillm.engine.stats import check_integrity, cluster_stats
+from infinillm.kvcache import blocks_needed
 from infinillm.runtime.executor import InstanceLost, StepResult
 from infinillm.types import (
     BlockMove,
     FinishReason,
     InstanceId,
     InstanceStep,
+    Request,
     RequestId,
     RequestOutput,
     RequestStatus,
@@ -64,8 +68,9 @@ class ClusterEngine:
         self.num_steps = 0
         self.last_step: StepRecord | None = None
         self._by_id = {i.instance_id: i for i in self.instances}
-        self._lost: list[InstanceId] = []  # found in the last step; settled before the next
+        self._lost: list[InstanceId] = []  # found by the executor; settled at once
         self._standstill = False  # the last step ran nothing while requests were running
+        self._ended: list[Request] = []  # ended by a decision, to be emitted this step
 
     @classmethod
     def from_config(cls, config: Config, clock: Clock | None = None,
@@ -110,6 +115,7 @@ class ClusterEngine:
             return
         stream.request.finish_reason = FinishReason.ABORT
         self.instance(stream.request.instance_id).scheduler.finish(stream.request)
+        self._standstill = False  # blocks were freed: the next step may run again
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.streams)
@@ -120,27 +126,50 @@ class ClusterEngine:
         """One rebalance -> schedule -> run -> update round; returns the requests that made
         progress (or finished)."""
         started = self.clock.now()
-        settled, num_moves = self._rebalance()
+        num_preempted, num_moves = self._rebalance()
         scheduled = [inst.scheduler.schedule() for inst in self.instances]
         result = self._run(scheduled)
-        outputs = self._update(scheduled, result, settled)
-        self._record(started, scheduled, result, settled, num_moves, outputs)
+        outputs = self._update(scheduled, result)
+        if self._lost:
+            num_preempted += self._settle_loss()
+        outputs += [self._emit(self.streams[r.request_id]) for r in self._ended]
+        self._ended.clear()
+        num_preempted += sum(len(s.preempted) for s in scheduled)
+        self._record(started, scheduled, result, num_preempted, num_moves, outputs)
         return outputs
 
-    def _rebalance(self) -> tuple[Settlement, int]:
-        """Apply the rebalancer's decisions for the cluster as a whole: settle lost instances
-        and a standstill, then move blocks. Returns the settlement and the blocks moved."""
-        views = [InstanceView(i.instance_id, i.scheduler.running, i.scheduler.waiting)
-                 for i in self.instances]
-        settled = self.rebalancer.settle(views, self._lost, self._standstill)
-        self._lost, self._standstill = [], False
+    def _views(self) -> list[InstanceView]:
+        return [InstanceView(i.instance_id, i.scheduler.running, i.scheduler.waiting)
+                for i in self.instances]
+
+    def _rebalance(self) -> tuple[int, int]:
+        """Apply the rebalancer's decisions for the cluster as a whole: settle a standstill,
+        then move blocks. Returns the requests preempted and the blocks moved."""
+        settled = self.rebalancer.settle(self._views(), [], self._standstill)
+        self._standstill = False
         self._apply(settled)
         if not self.lending:
-            return settled, 0
+            return len(settled.preempt), 0
         moves = self.rebalancer.plan_moves({i.instance_id: i.scheduler.demand()
                                             for i in self.instances})
-        self._execute_moves(moves)
-        return settled, len(moves)
+        moved = self._execute_moves(moves)
+        num_preempted = len(settled.preempt) + (self._settle_loss() if self._lost else 0)
+        return num_preempted, len(moves) if moved else 0
+
+    def _settle_loss(self) -> int:
+        """Settle the instances lost in a step or a move at once, so that nothing is routed to
+        them; end what the smaller cluster can never hold. Returns the requests preempted."""
+        settled = self.rebalancer.settle(self._views(), self._lost, standstill=False)
+        self._lost = []
+        self._apply(settled)
+        limit, bs = self.max_blocks_per_request, self.config.cache.block_size
+        for inst in self.instances:
+            for request in list(inst.scheduler.waiting):
+                if blocks_needed(request.num_tokens + 1, bs) > limit:
+                    inst.scheduler.finish(request)
+                    request.finish_reason = FinishReason.LENGTH
+                    self._ended.append(request)
+        return len(settled.preempt)
 
     def _apply(self, settled: Settlement) -> None:
         """Free what orphans held, preempt and end as decided, forget lost instances, then give
@@ -152,6 +181,7 @@ class ClusterEngine:
         for request in settled.end:
             self.instance(request.instance_id).scheduler.finish(request)
             request.finish_reason = FinishReason.LENGTH
+            self._ended.append(request)
         for iid in settled.lost:
             if self.gmanager is not None:
                 self.gmanager.unregister(iid)
@@ -164,15 +194,24 @@ class ClusterEngine:
             request.status = RequestStatus.WAITING
             route(self.instances).scheduler.add(request)
 
-    def _execute_moves(self, moves: list[BlockMove]) -> None:
-        """Copy the data of every move, then switch tables: no step runs in between."""
-        if moves:
+    def _execute_moves(self, moves: list[BlockMove]) -> bool:
+        """Copy the data of every move, then switch tables: no step runs in between. False
+        (the moves cancelled, the loss noted) when an instance is lost during the copy."""
+        if not moves:
+            return True
+        try:
             self.executor.move_blocks(moves)
-            self.rebalancer.commit(moves)
+        except InstanceLost as lost:
+            logger.warning("%s while moving blocks; recomputing its requests on the others", lost)
+            self.rebalancer.cancel(moves)
+            self._lost = list(lost.instances)
+            return False
+        self.rebalancer.commit(moves)
+        return True
 
     def _run(self, scheduled: list[SchedulerOutput]) -> StepResult | None:
-        """Run the plans; None when an instance was lost (nothing of the step is applied and
-        the next step settles the loss, so no request loses a token)."""
+        """Run the plans; None when an instance was lost (nothing of the step is applied, and
+        the loss is settled right after, so no request loses a token)."""
         try:
             result = self.executor.execute([s.plan for s in scheduled])
         except InstanceLost as lost:
@@ -184,8 +223,8 @@ class ClusterEngine:
         self._standstill = self.lending and not any(s.plan.chunks for s in scheduled)
         return result
 
-    def _update(self, scheduled: list[SchedulerOutput], result: StepResult | None,
-                settled: Settlement) -> list[RequestOutput]:
+    def _update(self, scheduled: list[SchedulerOutput],
+                result: StepResult | None) -> list[RequestOutput]:
         outputs = []
         if result is not None:
             for s in scheduled:
@@ -196,8 +235,8 @@ class ClusterEngine:
                     if token is not None:
                         stream.append(token)
                         outputs.append(self._emit(stream))
-        for request in settled.end + [r for s in scheduled for r in s.ended]:
-            outputs.append(self._emit(self.streams[request.request_id]))
+        for s in scheduled:
+            self._ended += s.ended
         return outputs
 
     def _emit(self, stream: OutputStream) -> RequestOutput:
@@ -208,15 +247,14 @@ class ClusterEngine:
         return out
 
     def _record(self, started: float, scheduled: list[SchedulerOutput],
-                result: StepResult | None, settled: Settlement, num_moves: int,
+                result: StepResult | None, num_preempted: int, num_moves: int,
                 outputs: list[RequestOutput]) -> None:
         seconds = result.seconds if result is not None else {}
         self.last_step = StepRecord(
             self.num_steps, started, self.clock.now(),
             tuple(InstanceStep(s.plan.instance_id, len(s.plan.chunks), s.plan.num_tokens,
                                seconds.get(s.plan.instance_id, 0.0)) for s in scheduled),
-            num_moves, len(settled.preempt) + sum(len(s.preempted) for s in scheduled),
-            sum(o.finished for o in outputs))
+            num_moves, num_preempted, sum(o.finished for o in outputs))
         self.num_steps += 1
 
     # ---- between steps --------------------------------------------------------------------
@@ -233,7 +271,10 @@ class ClusterEngine:
         move = self.rebalancer.plan_migration(owner, request_id, index, dst)
         if move is None:
             return False
-        self._execute_moves([move])
+        self._standstill = False  # the placement changed: the next step may run again
+        if not self._execute_moves([move]):
+            self._settle_loss()
+            return False
         return True
 
     def shutdown(self) -> None:

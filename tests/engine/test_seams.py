@@ -7,9 +7,9 @@ import pytest
 
 from infinillm.config import Config
 from infinillm.engine import ClusterEngine, VirtualClock, WallClock
-from infinillm.runtime.executor import Executor, StepResult
+from infinillm.runtime.executor import Executor, InstanceLost, StepResult
 from infinillm.runtime.fabric import FabricStats
-from infinillm.types import SamplingParams
+from infinillm.types import InstanceId, SamplingParams
 
 SECONDS_PER_TOKEN = 0.001
 STEP_OVERHEAD_S = 0.01
@@ -99,3 +99,61 @@ def test_wall_clock_is_the_default(tiny_llama):
     engine.add_request([7, 8], SamplingParams(max_tokens=1, temperature=0.0))
     engine.step()
     assert engine.last_step.end_s >= engine.last_step.start_s
+
+
+def test_an_abort_during_a_standstill_lets_the_survivor_go_on(tiny_llama):
+    """Two requests that each fill their pool and wait for the other's blocks: a standstill.
+    A client aborting one of them before the next step frees blocks; the other must borrow
+    them and go on, not end as if it could never fit."""
+    engine = engine_on(tiny_llama, VirtualClock(), num_instances=2, kv_blocks_per_instance=8,
+                       max_lent_fraction=0.5)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    a, b = (engine.add_request([7] * 26, params) for _ in range(2))
+    for _ in range(50):
+        engine.step()
+        if engine.last_step.num_tokens == 0:
+            break
+    assert engine.last_step.num_tokens == 0 and engine.has_unfinished_requests()
+    engine.abort_request(b)
+    outputs = engine.step()
+    assert [(o.request_id, o.finished) for o in outputs] == [(a, False)]
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        engine.check_integrity()
+    # then it outgrows its pool plus the 4 blocks the other may lend (48 positions): alone and
+    # stalled, it ends with "length" after 26 + 22 stored positions and one more sample
+    assert outputs[0].outputs[0].token_ids == [5] * 23
+    assert outputs[0].outputs[0].finish_reason == "length"
+
+
+class LosingExecutor(ScriptedExecutor):
+    """Loses instance 1 in its second step, as a Ray executor whose actor died."""
+
+    def execute(self, plans):
+        if len(self.plans) == 1:
+            self.plans.append(plans)
+            raise InstanceLost([InstanceId(1)], "test")
+        return super().execute(plans)
+
+
+def test_a_lost_instance_is_settled_at_once_and_what_no_longer_fits_ends(tiny_llama):
+    config = Config.from_kwargs(model=tiny_llama, block_size=4, num_instances=3,
+                                kv_blocks_per_instance=8)
+    engine = ClusterEngine.from_config(config, VirtualClock(), LosingExecutor)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    long_id = engine.add_request([7] * 60, params)  # 16 blocks: 8 own + 7 + 7 lendable
+    short_ids = [engine.add_request([7] * 5, params) for _ in range(2)]
+    engine.step()
+    outputs = engine.step()  # the executor loses instance 1: nothing of the step is applied
+    assert [i.instance_id for i in engine.instances] == [0, 2]
+    # 8 own + 7 lendable blocks are all one request can get now: the long one ends at once
+    assert [(o.request_id, o.finished, o.outputs[0].finish_reason) for o in outputs] == [
+        (long_id, True, "length")]
+    engine.check_integrity()
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+        engine.check_integrity()
+    assert sorted(done) == sorted(short_ids)
+    assert all(o.outputs[0].token_ids == [5] * 4 for o in done.values())
+    assert engine.num_free_blocks() == [8, 8] and engine.cluster_stats()["debts"] == []
