@@ -66,9 +66,9 @@ ExecutorFactory = Callable[[Config, InstanceSpec, list[InstanceId]], Executor]
 
 
 def build_engine_parts(config: Config,
-                       executor_factory: ExecutorFactory = make_executor) -> EngineParts:
-    """`executor_factory` makes the executor (the one `config.runtime.executor` names, by
-    default); an executor that runs no model (a simulator, a test's) drives the same engine."""
+                       executor_factory: ExecutorFactory | None = None) -> EngineParts:
+    """`executor_factory` makes the executor (default: the one `config.runtime.executor`
+    names); an executor that runs no model (a simulator, a test's) drives the same engine."""
     started = time.perf_counter()
     path = resolve_model_path(config.model.model)
     arch = load_arch(path)
@@ -89,7 +89,7 @@ def build_engine_parts(config: Config,
                             int(num_blocks * cluster.recall_headroom_fraction))
     spec = InstanceSpec(path, arch, dtype, num_blocks, config.cache.block_size,
                         config.runtime.device, config.runtime.attention_backend)
-    executor = executor_factory(config, spec, ids)
+    executor = (executor_factory or make_executor)(config, spec, ids)
     seconds = time.perf_counter() - started
     logger.info("loaded %s (%s, %d layers) in %.1f s; %d instance(s) x %d blocks of %d tokens",
                 path, arch.architecture, arch.num_layers, seconds, cluster.num_instances,

@@ -26,7 +26,6 @@ from infinillm.engine.intake import Intake, PreparedPrompt, route
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import SchedulerOutput
 from infinillm.engine.stats import check_integrity, cluster_stats
-from infinillm.kvcache import blocks_needed
 from infinillm.runtime.executor import InstanceLost, StepResult
 from infinillm.types import (
     BlockMove,
@@ -75,9 +74,7 @@ class ClusterEngine:
     @classmethod
     def from_config(cls, config: Config, clock: Clock | None = None,
                     executor_factory: ExecutorFactory | None = None) -> ClusterEngine:
-        parts = (build_engine_parts(config) if executor_factory is None
-                 else build_engine_parts(config, executor_factory))
-        return cls(config, parts, clock)
+        return cls(config, build_engine_parts(config, executor_factory), clock)
 
     def instance(self, iid: InstanceId) -> Instance:
         try:
@@ -145,16 +142,19 @@ class ClusterEngine:
     def _rebalance(self) -> tuple[int, int]:
         """Apply the rebalancer's decisions for the cluster as a whole: settle a standstill,
         then move blocks. Returns the requests preempted and the blocks moved."""
-        settled = self.rebalancer.settle(self._views(), [], self._standstill)
-        self._standstill = False
-        self._apply(settled)
+        num_preempted = 0
+        if self._standstill:
+            settled = self.rebalancer.settle(self._views(), [], standstill=True)
+            self._standstill = False
+            self._apply(settled)
+            num_preempted = len(settled.preempt)
         if not self.lending:
-            return len(settled.preempt), 0
+            return num_preempted, 0
         moves = self.rebalancer.plan_moves({i.instance_id: i.scheduler.demand()
                                             for i in self.instances})
-        moved = self._execute_moves(moves)
-        num_preempted = len(settled.preempt) + (self._settle_loss() if self._lost else 0)
-        return num_preempted, len(moves) if moved else 0
+        if not self._execute_moves(moves):
+            return num_preempted + self._settle_loss(), 0
+        return num_preempted, len(moves)
 
     def _settle_loss(self) -> int:
         """Settle the instances lost in a step or a move at once, so that nothing is routed to
@@ -162,10 +162,9 @@ class ClusterEngine:
         settled = self.rebalancer.settle(self._views(), self._lost, standstill=False)
         self._lost = []
         self._apply(settled)
-        limit, bs = self.max_blocks_per_request, self.config.cache.block_size
         for inst in self.instances:
             for request in list(inst.scheduler.waiting):
-                if blocks_needed(request.num_tokens + 1, bs) > limit:
+                if not self.intake.blocks_fit(request.num_tokens):
                     inst.scheduler.finish(request)
                     request.finish_reason = FinishReason.LENGTH
                     self._ended.append(request)

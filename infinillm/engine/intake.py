@@ -81,14 +81,19 @@ class Intake:
                              f"got {bad[:5]}")
         return None, list(prompt)
 
+    def blocks_fit(self, num_tokens: int) -> bool:
+        """Whether `num_tokens` and one generated token fit in the blocks the cluster can give
+        one request (fewer once instances are lost)."""
+        return blocks_needed(num_tokens + 1, self.block_size) <= self.max_blocks_per_request()
+
     def _check_fits(self, token_ids: list[int]) -> None:
         n = len(token_ids)
         if n >= self.max_model_len:
             raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
                              "tokens, including at least one generated token")
-        need = blocks_needed(n + 1, self.block_size)
-        limit = self.max_blocks_per_request()
-        if need > limit:
+        if not self.blocks_fit(n):
+            need = blocks_needed(n + 1, self.block_size)
+            limit = self.max_blocks_per_request()
             where = "the cluster can give one request" if self.lending else "an instance holds"
             raise ValueError(f"prompt has {n} tokens and needs {need} KV blocks; {where} {limit}")
 
