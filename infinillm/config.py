@@ -24,7 +24,7 @@ from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_BACKENDS = ("auto", "torch", "cpu_flash")
-_EXECUTORS = ("inproc", "ray")
+_EXECUTORS = ("inproc", "ray", "sim")
 
 
 # --- declaring a setting -------------------------------------------------------------------
@@ -181,7 +181,12 @@ class RuntimeConfig:
                           metavar="DEVICE")
     executor: str = setting(
         "inproc", "how instances run: inproc = all in this process; ray = one Ray actor each, "
-                  "see docs/distributed.md", choices=_EXECUTORS)
+                  "see docs/distributed.md; sim = no model, step times from a cost model on "
+                  "simulated time, see docs/simulation.md", choices=_EXECUTORS)
+    sim_device: str = setting(
+        "a100-80gb", "with the sim executor, the simulated device of each instance: "
+                     "a100-80gb, h100-80gb, h200-141gb, cpu (after `infinillm calibrate`) or "
+                     "a profile .json file", metavar="DEVICE")
     ray_address: str | None = setting(
         None, "Ray cluster to join, e.g. auto or HOST:6379 (unset: the one started on this "
               "machine with `ray start`, else a new local one)", metavar="ADDRESS")

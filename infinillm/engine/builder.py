@@ -70,7 +70,12 @@ def build_engine_parts(config: Config,
     """`executor_factory` makes the executor (default: the one `config.runtime.executor`
     names); an executor that runs no model (a simulator, a test's) drives the same engine."""
     started = time.perf_counter()
-    path = resolve_model_path(config.model.model)
+    if config.runtime.executor == "sim":  # shapes only: a preset or a folder with config.json
+        from infinillm.sim.models import sim_model_folder
+
+        path = sim_model_folder(config.model.model)
+    else:
+        path = resolve_model_path(config.model.model)
     arch = load_arch(path)
     dtype = TORCH_DTYPES[config.model.dtype]
     if config.runtime.num_threads:
@@ -99,8 +104,16 @@ def build_engine_parts(config: Config,
 
 
 def num_blocks_per_instance(config: Config, arch: ModelArch, dtype: torch.dtype) -> int:
-    """`kv_blocks_per_instance` when given, else as many blocks as the memory budget holds."""
+    """`kv_blocks_per_instance` when given, else as many blocks as the memory budget holds
+    (with the sim executor: what the simulated device's memory holds after the weights)."""
     cache = config.cache
+    if config.runtime.executor == "sim" and not cache.kv_blocks_per_instance:
+        from infinillm.sim.cost import CostModel
+        from infinillm.sim.devices import load_profile
+
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return CostModel(arch, itemsize, cache.block_size,
+                         load_profile(config.runtime.sim_device)).kv_blocks()
     per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.block_size,
                             dtype)
     num_blocks = cache.kv_blocks_per_instance or cache.kv_cache_memory_bytes // per_block

@@ -199,7 +199,7 @@ class ClusterEngine:
         if not moves:
             return True
         try:
-            self.executor.move_blocks(moves)
+            self.clock.advance(self.executor.move_blocks(moves))
         except InstanceLost as lost:
             logger.warning("%s while moving blocks; recomputing its requests on the others", lost)
             self.rebalancer.cancel(moves)
@@ -217,8 +217,11 @@ class ClusterEngine:
             logger.warning("%s; recomputing its requests on the others", lost)
             self._lost = list(lost.instances)
             return None
-        # The cluster step is synchronous: it lasts as long as its slowest instance.
-        self.clock.advance(max(result.seconds.values(), default=0.0))
+        # The cluster step is synchronous: it lasts as long as its slowest instance, or as all
+        # of them where they run one after another on one device.
+        seconds = result.seconds.values()
+        self.clock.advance(max(seconds, default=0.0) if self.executor.concurrent_instances
+                           else sum(seconds))
         self._standstill = self.lending and not any(s.plan.chunks for s in scheduled)
         return result
 

@@ -67,13 +67,19 @@ class StepResult:
 
 
 class Executor(ABC):
+    # Whether the instances of a step run side by side (one device each): the engine's virtual
+    # clock then advances by the slowest instance, else (one after another on one device, as
+    # the in-process executor runs them) by their sum. A wall clock ignores it.
+    concurrent_instances: bool = True
+
     @abstractmethod
     def execute(self, plans: list[StepPlan]) -> StepResult:
         """Run one step on every instance that has a plan; raises InstanceLost."""
 
     @abstractmethod
-    def move_blocks(self, moves: list[BlockMove]) -> None:
-        """Copy blocks between instances' storages (all reads before any write)."""
+    def move_blocks(self, moves: list[BlockMove]) -> float:
+        """Copy blocks between instances' storages (all reads before any write); the seconds it
+        took (measured, or modelled by a simulator)."""
 
     @abstractmethod
     def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
@@ -89,6 +95,8 @@ class Executor(ABC):
 
 class InProcExecutor(Executor):
     """Every instance in this process, sharing one read-only copy of the weights."""
+
+    concurrent_instances = False
 
     def __init__(self, spec: InstanceSpec, instance_ids: list[InstanceId]) -> None:
         model = LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype), spec.dtype)
@@ -106,8 +114,10 @@ class InProcExecutor(Executor):
         self.fabric.stats.execute_seconds += sum(result.seconds.values())
         return result
 
-    def move_blocks(self, moves: list[BlockMove]) -> None:
+    def move_blocks(self, moves: list[BlockMove]) -> float:
+        started = time.perf_counter()
         self.fabric.move_blocks(moves)
+        return time.perf_counter() - started
 
     def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
         return dataclasses.replace(self.fabric.stats,
@@ -115,7 +125,11 @@ class InProcExecutor(Executor):
 
 
 def make_executor(config, spec: InstanceSpec, instance_ids: list[InstanceId]) -> Executor:
-    """The executor named by `config.runtime.executor` ("inproc" or "ray")."""
+    """The executor named by `config.runtime.executor` ("inproc", "ray" or "sim")."""
+    if config.runtime.executor == "sim":
+        from infinillm.sim.executor import SimExecutor
+
+        return SimExecutor(config, spec, instance_ids)
     if config.runtime.executor == "ray":
         from infinillm.runtime.ray_executor import RayExecutor
 

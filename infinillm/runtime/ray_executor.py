@@ -145,9 +145,11 @@ class RayExecutor(Executor):
             result.seconds[iid] = seconds
         return result
 
-    def move_blocks(self, moves: list[BlockMove]) -> None:
+    def move_blocks(self, moves: list[BlockMove]) -> float:
+        started = time.perf_counter()
         involved = {m.src[0] for m in moves} | {m.dst[0] for m in moves}
         self._gather({i: self.actors[i].move_blocks.remote(moves) for i in involved})
+        return time.perf_counter() - started
 
     def _gather(self, calls: dict[InstanceId, object]) -> dict[InstanceId, object]:
         """Results of actor calls; InstanceLost (after regrouping the rest) if any died."""

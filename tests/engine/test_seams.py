@@ -41,6 +41,7 @@ class ScriptedExecutor(Executor):
 
     def move_blocks(self, moves):
         self.moves += moves
+        return 0.0
 
     def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
         return FabricStats()
