@@ -102,7 +102,7 @@ def test_unknown_keyword_names_the_closest(name, match):
         ({"model": 3}, "model must be a str or None, got 3"),
         ({"lending": 1}, "lending must be a bool, got 1"),
         ({"max_lent_fraction": "0.5"}, "max_lent_fraction must be a float, got '0.5'"),
-        ({"executor": "mpi"}, r"executor must be one of \('inproc', 'ray'\), got 'mpi'"),
+        ({"executor": "mpi"}, r"executor must be one of \('inproc', 'ray', 'sim'\), got 'mpi'"),
         ({"max_model_len": 0}, "max_model_len must be positive, got 0"),
         ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes must be positive, got 0"),
         ({"num_threads": 0}, "num_threads must be positive, got 0"),
