@@ -1,4 +1,5 @@
-"""Command line: `infinillm generate "prompt" [options]`, `infinillm serve [options]`.
+"""Command line: `infinillm generate "prompt" [options]`, `infinillm serve [options]`,
+`infinillm simulate [options]` and `infinillm calibrate` (the simulator: infinillm/sim/cli.py).
 
 User errors (bad values, missing model) print one line and exit with status 2; no traceback.
 `serve` runs until Ctrl-C (or SIGTERM): the engine loop stops first, so open streams end at once
@@ -23,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from infinillm.config import SETTINGS, Alias, Setting, section_doc
+from infinillm.sim.cli import (
+    add_calibrate_parser,
+    add_simulate_parser,
+    run_calibrate,
+    run_simulate,
+)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -119,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and live page")
     add_config_args(serve)
     _serve_args(serve)
+    add_simulate_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -272,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "simulate":
+            return run_simulate(args)
+        if args.command == "calibrate":
+            return run_calibrate(args)
     except ValueError as e:
         print(f"infinillm: error: {e}", file=sys.stderr)
         return 2
