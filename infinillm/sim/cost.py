@@ -186,6 +186,7 @@ class CostModel:
         cost.attention = self.attention_seconds(own)
         cost.allreduce = self.allreduce_seconds(num_tokens)
         cost.overhead = (p.step_overhead_s + p.seq_overhead_s * len(chunks)
+                         + p.token_overhead_s * num_tokens
                          + p.layer_overhead_s * self.arch.num_layers)
         slowest = 0.0
         for holder, work in cost.remote.items():

@@ -43,6 +43,7 @@ class DeviceProfile:
     step_overhead_s: float  # host time per instance step (scheduling, launch, sampling)
     seq_overhead_s: float  # host time per request in a step
     layer_overhead_s: float  # per layer per step (kernel launches, interpreter)
+    token_overhead_s: float = 0.0  # host time per token in a step (beyond the modelled work)
     gpu_memory_utilization: float = 0.9  # share of memory the engine may use (vLLM's default)
     activation_reserve_bytes: int = 2 * GiB  # kept out of the KV pool for activations
     sources: dict[str, str] = field(default_factory=dict)

@@ -241,7 +241,10 @@ def longest_context(setup: SimSetup, serve: bool = True) -> dict:
     whether it is then served to its first token (prefill across the cluster, one output)."""
     engine = build_sim_engine(setup)
     token = engine.arch.vocab_size - 1
-    lo, hi = 0, engine.max_model_len  # admitted(lo) holds (or lo == 0); admitted(hi) does not
+    # admitted(lo) holds (or lo == 0); admitted(hi) does not: no request gets more blocks than
+    # its owner's pool plus what the others may lend
+    lo = 0
+    hi = min(engine.max_model_len, engine.max_blocks_per_request * setup.block_size + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         try:
