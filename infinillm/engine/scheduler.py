@@ -11,6 +11,9 @@ produced.
 
 `schedule()` returns one typed result: the plan for the worker, the requests it preempted, and
 the requests that ended because the pool can never hold them (without lending).
+
+Cost: a step's scheduling work follows its batch, not the blocks held. A chunk gets its
+request's block table as a view, not a copy (see ScheduledChunk).
 """
 
 from __future__ import annotations
@@ -201,12 +204,14 @@ class Scheduler:
             tokens = request.output_token_ids[start - prompt_len : end - prompt_len]
         else:
             tokens = request.all_token_ids()[start:end]
+        rid = request.request_id
         return ScheduledChunk(
-            request_id=request.request_id,
+            request_id=rid,
             token_ids=tokens,
             start_pos=start,
-            blocks=self.rmanager.block_locations(request.request_id),
+            blocks=self.rmanager.block_view(rid),  # not copied: valid for this step
             sample=end == request.num_tokens,
             params=request.params,
             num_output_tokens=len(request.output_token_ids),
+            holders=self.rmanager.holder_counts(rid),
         )
