@@ -163,6 +163,15 @@ def test_chunks_count_their_blocks_per_holder_through_borrowing_and_moves(tiny_l
     assert engine.executor.num_spread > 0 and engine.rebalancer.num_moves > 0
 
 
+def test_the_integrity_check_recounts_the_queue(tiny_llama):
+    engine = engine_on(tiny_llama, VirtualClock(), kv_blocks_per_instance=4)
+    engine.add_request([7, 8, 9], SamplingParams(max_tokens=1))  # 4 positions: 1 block
+    engine.check_integrity()
+    engine.instances[0].scheduler._queued_blocks += 1
+    with pytest.raises(RuntimeError, match="queue needs 1 blocks, the running total says 2"):
+        engine.check_integrity()
+
+
 class LosingExecutor(ScriptedExecutor):
     """Loses instance 1 in its second step, as a Ray executor whose actor died."""
 
