@@ -213,11 +213,16 @@ class Scheduler:
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         end = start + num_new
-        prompt_len = len(request.prompt_token_ids)
+        prompt, output = request.prompt_token_ids, request.output_token_ids
+        prompt_len = len(prompt)
+        # Slices of the chunk's own span only: joining prompt and output first would copy the
+        # whole prompt for every chunk of a long prefill.
         if start >= prompt_len:
-            tokens = request.output_token_ids[start - prompt_len : end - prompt_len]
+            tokens = output[start - prompt_len : end - prompt_len]
+        elif end <= prompt_len:
+            tokens = prompt[start:end]
         else:
-            tokens = request.all_token_ids()[start:end]
+            tokens = prompt[start:] + output[: end - prompt_len]
         rid = request.request_id
         return ScheduledChunk(
             request_id=rid,
