@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 from infinillm.sim.devices import CPU_PROFILE_NAME, DeviceProfile, default_cpu_profile_path
+from infinillm.types import InstanceId
 
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ATTENTION_KEYS = (64, 256, 1024, 2048, 4096)
 DECODE_BATCHES = (1, 4, 16, 32)
+DECODE_CONTEXTS = (100, 1000)
 PREFILL_TOKENS = (32, 128, 512)
 
 
@@ -47,21 +49,22 @@ def _best_time(fn: Callable[[], object], repeats: int = 7) -> float:
 
 
 def measure_gemm(arch, dtype=torch.float32) -> dict[int, float]:
-    """FLOP/s of one layer's linear layers per M."""
+    """FLOP/s of one decoder layer's linear layers per M, as the engine runs them (fused q/k/v
+    and gate/up, model/linear.py's kernels)."""
+    from infinillm.model.linear import Linear
+
     h, q, kv, i = (arch.hidden_size, arch.num_heads * arch.head_dim,
                    arch.num_kv_heads * arch.head_dim, arch.intermediate_size)
-    weights = [torch.randn(o, n, dtype=dtype) * 0.02
-               for o, n in ((q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i))]
-    params = sum(w.numel() for w in weights)
+    shapes = ((q + 2 * kv, h), (h, q), (2 * i, h), (h, i))
+    layers = [Linear(torch.randn(o, n, dtype=dtype) * 0.02) for o, n in shapes]
+    params = sum(o * n for o, n in shapes)
     rates = {}
     for m in GEMM_ROWS:
-        xh, xq, xi = (torch.randn(m, h, dtype=dtype), torch.randn(m, q, dtype=dtype),
-                      torch.randn(m, i, dtype=dtype))
-        inputs = (xh, xh, xh, xq, xh, xh, xi)
+        inputs = [torch.randn(m, n, dtype=dtype) for _, n in shapes]
 
         def run(inputs=inputs):
-            for x, w in zip(inputs, weights):
-                torch.nn.functional.linear(x, w)
+            for x, layer in zip(inputs, layers):
+                layer(x)
 
         rates[m] = 2 * params * m / _best_time(run)
     return rates
@@ -73,7 +76,8 @@ def measure_copy_bandwidth() -> float:
 
 
 def measure_attention(arch, block_size: int = 16) -> tuple[float, float]:
-    """(seconds per key, seconds per call) of one query's micro-attention over cached keys."""
+    """(seconds per key, seconds per call) of one query's micro-attention over cached keys, per
+    layer (a cross-check of the per-key cost fitted on engine steps)."""
     from infinillm.attention import get_backend
 
     backend = get_backend("auto", "cpu")
@@ -114,15 +118,24 @@ def _lstsq_nonneg(rows: list[list[float]], ys: list[float]) -> list[float]:
         active = [j for j, s in zip(active, sol) if s >= 0]
 
 
-def _engine_steps(model: str | None, log) -> tuple[list[tuple[int, int, int, float]], object]:
-    """(sequences, tokens, context per sequence, measured instance seconds) of real steps, and
-    the model's arch."""
+def _engine_steps(model: str | None, log) -> list[tuple[list, float]]:
+    """Real steps of one instance: (its chunks, measured seconds) for decode batches of 1 .. 32
+    requests at two context lengths and for prefill chunks of 32 .. 512 tokens."""
     from infinillm import LLM, SamplingParams
 
-    llm = LLM(model, num_instances=1, kv_blocks_per_instance=1024, block_size=16,
+    llm = LLM(model, num_instances=1, kv_blocks_per_instance=2048, block_size=16,
               max_num_batched_tokens=512, max_num_seqs=64)
     engine = llm.engine
-    samples = []
+    executor = engine.executor
+    samples: list[tuple[list, float]] = []
+    planned: list = []
+    run_plans = executor.execute
+
+    def execute(plans):  # note what each step ran
+        planned[:] = [c for p in plans for c in p.chunks]
+        return run_plans(plans)
+
+    executor.execute = execute
 
     def run(prompts: list[list[int]], max_tokens: int, keep) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -132,19 +145,20 @@ def _engine_steps(model: str | None, log) -> tuple[list[tuple[int, int, int, flo
             engine.step()
             rec = engine.last_step.instances[0]
             if keep(rec):
-                samples.append((rec.num_seqs, rec.num_tokens, rec.seconds))
+                samples.append((list(planned), rec.seconds))
 
     run([[100 + i] * 40 for i in range(4)], 4, lambda r: False)  # warm-up
-    for b in DECODE_BATCHES:
-        run([[100 + i] * 200 for i in range(b)], 12,
-            lambda r, b=b: r.num_seqs == b and r.num_tokens == b)
-        log(f"  decode batch {b}: {len([s for s in samples if s[0] == b])} steps")
+    for context in DECODE_CONTEXTS:
+        for b in DECODE_BATCHES:
+            run([[100 + i] * context for i in range(b)], 8,
+                lambda r, b=b: r.num_seqs == b and r.num_tokens == b)
+        log(f"  decode batches {DECODE_BATCHES} at context {context}")
     for t in PREFILL_TOKENS:
-        for _ in range(5):
+        for _ in range(3):
             run([[300] * t], 1, lambda r, t=t: r.num_tokens == t)
-        log(f"  prefill {t}: measured")
+    log(f"  prefill chunks of {PREFILL_TOKENS} tokens")
     llm.shutdown()
-    return samples, engine.arch
+    return samples
 
 
 def _exchange_seconds(model: str | None, arch) -> float:
@@ -183,50 +197,49 @@ def calibrate(model: str | None = None, output: str | None = None,
     peak = max(rates.values())
     log("calibrating: memory bandwidth, attention")
     bandwidth = measure_copy_bandwidth()
-    per_key, per_call = measure_attention(arch)
+    micro_per_key, micro_per_call = measure_attention(arch)
     kv_token_bytes = 2 * arch.num_kv_heads * arch.head_dim * 4
     profile = DeviceProfile(
         name=CPU_PROFILE_NAME, memory_bytes=0, peak_flops=peak, memory_bandwidth=bandwidth,
         gemm_efficiency=tuple((m, r / peak) for m, r in sorted(rates.items())),
-        memory_efficiency=1.0, attention_bandwidth=kv_token_bytes / per_key,
-        attention_call_s=per_call, gpus_per_node=1 << 20, intra_node_bandwidth=bandwidth,
+        memory_efficiency=1.0, attention_bandwidth=kv_token_bytes / micro_per_key,
+        attention_call_s=0.0, gpus_per_node=1 << 20, intra_node_bandwidth=bandwidth,
         intra_node_latency_s=0.0, inter_node_bandwidth=bandwidth, inter_node_latency_s=0.0,
         step_overhead_s=0.0, seq_overhead_s=0.0, layer_overhead_s=0.0,
         gpu_memory_utilization=1.0, activation_reserve_bytes=0)
-    log("calibrating: engine steps (host overheads)")
-    samples, _ = _engine_steps(model, log)
-    cost = CostModel(arch, 4, 16, profile)
+    log("calibrating: engine steps (host overheads, attention per key)")
+    samples = _engine_steps(model, log)
+    # Fit on real steps what they cost beyond the modelled GEMMs and attention FLOPs: per step,
+    # per request, per token and per key read (K/V bytes, so no bandwidth term while fitting).
+    fitting = dataclasses.replace(profile, attention_bandwidth=float("inf"), attention_call_s=0.0)
+    cost = CostModel(arch, 4, 16, fitting)
     rows, ys = [], []
-    for seqs, tokens, seconds in samples:
-        # decode steps: `seqs` requests of ~200 context; prefill: one request of `tokens`
-        context = 206 if seqs == tokens else tokens
-        modelled = cost.linear_seconds(tokens, seqs) + _attention(cost, seqs, tokens, context)
-        rows.append([1.0, float(seqs), float(tokens)])
-        ys.append(seconds - modelled)
-    per_step, per_seq, per_token = _lstsq_nonneg(rows, ys)
+    for chunks, seconds in samples:
+        keys = sum(c.start_pos + len(c.token_ids) for c in chunks)
+        tokens = sum(len(c.token_ids) for c in chunks)
+        rows.append([1.0, float(len(chunks)), float(tokens), float(keys)])
+        ys.append(seconds - cost.step(InstanceId(0), chunks).seconds)
+    per_step, per_seq, per_token, per_key = _lstsq_nonneg(rows, ys)
+    if per_key > 0:  # the engine's own attention path, batched as it really runs
+        per_key_layer = per_key / arch.num_layers
+    else:
+        per_key_layer = micro_per_key
     log("calibrating: exchange between instances")
     exchange = _exchange_seconds(model, arch)
     profile = dataclasses.replace(
         profile, step_overhead_s=per_step, seq_overhead_s=per_seq, token_overhead_s=per_token,
+        attention_bandwidth=kv_token_bytes / per_key_layer,
         intra_node_latency_s=exchange / 2, inter_node_latency_s=exchange / 2,
         sources={"measured_on": _machine(), "threads": str(torch.get_num_threads()),
-                 "model": str(resolve_model_path(model))})
+                 "model": str(resolve_model_path(model)),
+                 "attention_bandwidth": "fitted on engine decode steps" if per_key > 0
+                 else "micro-benchmark",
+                 "micro_attention": f"{micro_per_key * 1e9:.1f} ns per key, "
+                                    f"{micro_per_call * 1e6:.0f} us per call (one layer)"})
     path = Path(output).expanduser() if output else default_cpu_profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profile.to_json())
     return path
-
-
-def _attention(cost, seqs: int, tokens: int, context: int) -> float:
-    from infinillm.sim.cost import AttentionWork
-
-    a = cost.arch
-    rows = tokens // seqs
-    work = AttentionWork(kv_bytes=seqs * context * cost.kv_token_bytes,
-                         flops=seqs * 4 * a.num_heads * a.head_dim * rows * (rows + 1) / 2
-                         if rows > 1 else seqs * 4 * a.num_heads * a.head_dim * context,
-                         calls=seqs, max_rows=rows)
-    return cost.attention_seconds(work)
 
 
 def _machine() -> str:
