@@ -1,0 +1,513 @@
+"""The paper's experiments on the simulated cluster, each beside the paper's number. Every figure
+here is MODELLED (infinillm.sim: the real control plane on a cost model of the GPUs), not measured.
+
+    python -m bench.sim_paper [--quick] [--experiments context,rates] [--jobs 2]
+        [--context-models llama2-7b,llama2-13b] [--context-instances 1,2,4,8,16,32]
+        [--serve-max-instances 8 | --no-serve]
+        [--model llama2-13b] [--device a100-80gb] [--instances 8,32] [--traces short,long,mixed]
+        [--requests-per-instance 40 | --num-requests N] [--rates 1,2,4 | --max-rates 8]
+        [--slo-ttft 10] [--slo-tpot 0.2] [--slo-attainment 0.9] [--seed 0] [--no-plots]
+
+Policies (infinillm.sim.run): `lending` = N instances, one GPU each, pooling KV (the paper's
+system); `multi` = the same N instances keeping their KV to themselves ("vLLM-multi"); `single`
+= one instance tensor parallel over all N GPUs ("vLLM-single").
+
+1. Longest context vs instances (`context`): for each of --context-models on --device and each
+   N of --context-instances, the longest prompt each policy admits (bisection on the engine's
+   admission check, `longest_context`). `multi` is what one request can get without pooling
+   (one instance's pool, whatever N); `lending` pools every pool (minus the `max_lent_fraction`
+   each lender keeps); `single` is all N GPUs' memory after one copy of the weights. The
+   longest prompt is then served to its first token (prefill across the cluster) where N <=
+   --serve-max-instances: serving costs wall time that grows faster than N (about 30 s for
+   lending at 8 instances, extrapolated ~3 min at 16 and ~15 min at 32 on a 2-core machine),
+   so larger N report admission only ("served" = None). Ratio: lending / multi. Paper (v1): up
+   to 1.9M tokens on 32 A100-80GB with LLaMA2, 2-19x longer context than vLLM.
+2. Throughput and goodput vs rate (`rates`): --model on --device, for each trace of --traces
+   (infinillm.sim.traces: short = ShareGPT-like, long = L-Eval-like, mixed = 90 % short, 10 %
+   long) and each N of --instances, every policy on the same seeded trace at the same rates.
+   The rate grid per (trace, N) starts at a quarter of a rough analytic capacity of N
+   instances (`capacity_estimate`: prefill plus batched decode per request from the cost
+   model) and doubles until the best policy's output throughput grows < 5 % over the previous
+   rate, or every policy's SLO attainment is < 0.5, or --max-rates rates ran (--rates gives a
+   fixed grid instead). Requests per trace: --requests-per-instance x N (or --num-requests).
+   Per run: everything `simulate` returns (output and total tokens/s over first arrival to
+   last finish, goodput = output tokens/s of the requests within the SLO, SLO attainment =
+   share of all requests within it, TTFT/TPOT p50/p99 nearest rank, completed, refused at
+   admission, cut short, preemptions, block moves, simulated seconds, wall seconds). Per
+   (trace, N) and policy: the sustained rate (the highest rate of the grid with SLO attainment
+   >= --slo-attainment; None if none), the peak output throughput and the peak goodput over
+   the grid; the ratios lending / multi and lending / single at the peaks (each policy's own
+   peak) and at every rate. Paper: v2 1.35-1.73x over vLLM-multi on short traces, 1.4-3.4x
+   over one big vLLM instance (single) on long traces; v1 1.03-2.4x end-to-end throughput.
+
+Runs are independent and run in a process pool of --jobs processes (1: in this process); a
+line per finished run with its wall time. Defaults are the documented full configuration
+(sized to take about 25 min on 2 cores); --quick is a smoke test (2 and 4 instances, 60
+requests, 2 rates). Writes bench/results/sim_paper.json, docs/img/sim_longest_context.png,
+sim_throughput_vs_rate.png and sim_goodput_vs_rate.png; prints tables, the total wall time and,
+last, one JSON line (the file's content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.lib.report import emit_json, machine_info, print_table
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("lending", "multi", "single")
+# Throughput figures of a run (infinillm.sim.run.summarize): `loaded_*` count what the cluster
+# produced while requests still arrived (no drain at the end), the others the whole run.
+METRICS = {"output": "loaded_output_tokens_per_s", "goodput": "loaded_goodput_tokens_per_s",
+           "output_run": "output_tokens_per_s", "goodput_run": "goodput_tokens_per_s"}
+GROWTH_STOP = 1.05  # the best policy's output tokens/s must grow by 5 % for the next rate
+ATTAINMENT_STOP = 0.5  # every policy below this share within the SLO: saturated
+PRESETS = {
+    "full": {"context_instances": "1,2,4,8,16,32", "instances": "8,32", "max_rates": 8,
+             "requests_per_instance": 40, "num_requests": None, "serve_max_instances": 8},
+    "quick": {"context_instances": "1,2,4", "instances": "2,4", "max_rates": 2,
+              "requests_per_instance": None, "num_requests": 60, "serve_max_instances": 4},
+}
+# The paper's figures (PAPER.md), printed beside ours: (low, high) ratio, against which policy.
+PAPER_RATES = {
+    "short": ((1.35, 1.73), "multi", "v2: 1.35-1.73x over vLLM-multi (short traces)"),
+    "long": ((1.4, 3.4), "single", "v2: 1.4-3.4x over vLLM-single (long traces)"),
+    "mixed": ((1.03, 2.4), None, "v1: 1.03-2.4x end-to-end throughput over vLLM"),
+}
+PAPER_CONTEXT = {"max_tokens": 1_900_000, "instances": 32,
+                 "text": "v1: up to 1.9M tokens on 32 A100-80GB (LLaMA2); 2-19x longer "
+                         "context than vLLM, 2 to 32 instances"}
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One simulated run: a longest-context search (`kind` "context") or a trace at a rate
+    ("rate"). Small and picklable: the worker builds the trace from (trace, n, rate, seed)."""
+
+    kind: str
+    model: str
+    device: str
+    instances: int
+    policy: str
+    serve: bool = False
+    trace: str = ""
+    rate: float = 0.0
+    rate_index: int = 0
+    num_requests: int = 0
+    seed: int = 0
+    slo: tuple[float, float] = (10.0, 0.2)
+
+    def label(self) -> str:
+        if self.kind == "context":
+            return (f"context {self.model} x{self.instances} {self.policy}"
+                    f"{' (served)' if self.serve else ''}")
+        return (f"rate {self.trace} x{self.instances} {self.policy} @ {self.rate:.4g} req/s "
+                f"({self.num_requests} req)")
+
+
+def run_job(job: Job) -> dict:
+    """Run `job` (in a worker process): the job's fields plus what the simulator returns."""
+    from infinillm.sim.run import SimSetup, longest_context, simulate
+    from infinillm.sim.traces import make_trace
+
+    started = time.perf_counter()
+    setup = SimSetup(model=job.model, device=job.device, instances=job.instances,
+                     policy=job.policy)
+    out = {k: v for k, v in asdict(job).items() if k not in ("slo",)}
+    if job.kind == "context":
+        out.update(longest_context(setup, serve=job.serve))
+    else:
+        trace = make_trace(job.trace, job.num_requests, rate=job.rate, seed=job.seed)
+        out.update(simulate(setup, trace, slo=job.slo))
+    out["wall_s"] = time.perf_counter() - started
+    return out
+
+
+# ---- experiment 1: longest context ------------------------------------------------------
+
+
+def context_jobs(models: Iterable[str], device: str, instances: Iterable[int],
+                 serve_max_instances: int) -> list[Job]:
+    return [Job("context", m, device, n, p, serve=n <= serve_max_instances)
+            for m in models for n in instances for p in POLICIES]
+
+
+def context_rows(results: list[dict]) -> list[dict]:
+    """A row per (model, instances, policy), with lending / multi beside every policy's row."""
+    by_key = {(r["model"], r["instances"], r["policy"]): r for r in results}
+    rows = []
+    for (model, n, policy), r in sorted(by_key.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], POLICIES.index(kv[0][2]))):
+        multi = by_key.get((model, n, "multi"))
+        tokens = r["longest_context_tokens"]
+        rows.append({"model": model, "instances": n, "policy": policy,
+                     "longest_tokens": tokens, "served": r["served"],
+                     "prefill_s": r.get("prefill_s"),
+                     "ratio_vs_multi": _ratio(tokens, multi and multi["longest_context_tokens"]),
+                     "paper": _paper_context(n, policy)})
+    return rows
+
+
+def _paper_context(instances: int, policy: str) -> str:
+    if policy != "lending":
+        return ""
+    if instances == PAPER_CONTEXT["instances"]:
+        return "1.9M tokens; 2-19x (v1)"
+    return "2-19x vs vLLM (v1, 2-32 inst.)" if instances >= 2 else ""
+
+
+# ---- experiment 2: throughput and goodput vs rate ---------------------------------------
+
+
+def capacity_estimate(model: str, device: str, instances: int, trace: str,
+                      max_num_seqs: int = 256, chunk: int = 2048) -> float:
+    """Requests/s that `instances` one-device instances can roughly sustain on `trace`: one
+    instance's time per request is its prefill (chunked linear layers plus causal attention)
+    plus its share of decode steps at the batch its KV pool holds (at most `max_num_seqs`), at
+    the trace's mean lengths. Only the grid's starting point: it ignores queueing, the length
+    spread and everything the control plane does."""
+    from infinillm.model import load_arch
+    from infinillm.sim.cost import AttentionWork, CostModel
+    from infinillm.sim.devices import load_profile
+    from infinillm.sim.models import sim_model_folder
+    from infinillm.sim.traces import expected_means
+
+    arch = load_arch(sim_model_folder(model))
+    cost = CostModel(arch, 2, 16, load_profile(device))
+    prompt, output = expected_means(trace)
+    batch = max(1, min(max_num_seqs, cost.kv_blocks() * 16 // int(prompt + output)))
+    context = prompt + output / 2
+    decode = cost.linear_seconds(batch, batch) + cost.attention_seconds(AttentionWork(
+        kv_bytes=batch * context * cost.kv_token_bytes, calls=batch))
+    prefill = cost.linear_seconds(chunk, 1) * prompt / chunk + cost.attention_seconds(
+        AttentionWork(kv_bytes=prompt * cost.kv_token_bytes,
+                      flops=2 * arch.num_heads * arch.head_dim * prompt * prompt,
+                      calls=math.ceil(prompt / chunk), max_rows=int(min(prompt, chunk))))
+    return instances / (prefill + output * decode / batch)
+
+
+@dataclass(slots=True)
+class RateSweep:
+    """The rate grid of one (trace, instances) cell: every policy at one rate, then the next
+    (doubled) rate while `should_continue` says the cluster is not yet saturated."""
+
+    trace: str
+    instances: int
+    template: Job  # model, device, seed, slo, num_requests
+    rates: list[float]  # the grid so far; fixed in advance with `fixed`
+    max_rates: int
+    fixed: bool = False
+    runs: dict[tuple[int, str], dict] = field(default_factory=dict)  # (rate index, policy)
+    stop_reason: str = ""
+
+    def jobs(self, index: int) -> list[Job]:
+        t = self.template
+        return [Job("rate", t.model, t.device, self.instances, p, trace=self.trace,
+                    rate=self.rates[index], rate_index=index, num_requests=t.num_requests,
+                    seed=t.seed, slo=t.slo) for p in POLICIES]
+
+    def add(self, result: dict) -> list[Job]:
+        """Record a run; the next rate's jobs once every policy has run at this one."""
+        index = result["rate_index"]
+        self.runs[index, result["policy"]] = result
+        if any((index, p) not in self.runs for p in POLICIES):
+            return []
+        if not self.should_continue(index):
+            return []
+        if not self.fixed:
+            self.rates.append(self.rates[-1] * 2)
+        return self.jobs(index + 1)
+
+    def should_continue(self, index: int) -> bool:
+        if index + 1 >= (len(self.rates) if self.fixed else self.max_rates):
+            self.stop_reason = "last rate of the grid"
+            return False
+        if self.fixed:
+            return True
+        now = [self.runs[index, p] for p in POLICIES]
+        if all(r["slo_attainment"] < ATTAINMENT_STOP for r in now):
+            self.stop_reason = f"every policy's SLO attainment < {ATTAINMENT_STOP}"
+            return False
+        if index > 0:
+            key = METRICS["output"]
+            best = max(r[key] or 0.0 for r in now)
+            before = max(self.runs[index - 1, p][key] or 0.0 for p in POLICIES)
+            if best < GROWTH_STOP * before:
+                self.stop_reason = (f"best output tok/s grew < {GROWTH_STOP - 1:.0%} "
+                                    f"({before:.4g} -> {best:.4g})")
+                return False
+        return True
+
+    def results(self) -> list[dict]:
+        return [self.runs[k] for k in sorted(self.runs, key=lambda k: (
+            k[0], POLICIES.index(k[1])))]
+
+
+def summarize_sweep(sweep: RateSweep, attainment: float) -> dict:
+    """Sustained rate and peaks per policy, ratios at the peaks and at every rate, and the
+    paper's figure for the trace."""
+    runs = sweep.results()
+    rates = sorted({r["rate"] for r in runs})
+    policies = {}
+    for p in POLICIES:
+        rs = [r for r in runs if r["policy"] == p]
+        ok = [r["rate"] for r in rs if r["slo_attainment"] >= attainment]
+        policies[p] = {"sustained_rate": max(ok) if ok else None}
+        for name, key in METRICS.items():
+            top = max(rs, key=lambda r, key=key: r[key] or 0.0)
+            policies[p][f"peak_{name}"] = top[key]
+            policies[p][f"peak_{name}_rate"] = top["rate"]
+    by_rate = {(r["rate"], r["policy"]): r for r in runs}
+    per_rate = [{"rate": rate, **_ratios(lambda p, name, rate=rate: by_rate[
+        rate, p][METRICS[name]])} for rate in rates]
+    claim = PAPER_RATES[sweep.trace]
+    return {"trace": sweep.trace, "instances": sweep.instances, "rates": rates,
+            "num_requests": sweep.template.num_requests, "stop_reason": sweep.stop_reason,
+            "policies": policies,
+            "peak_ratios": _ratios(lambda p, name: policies[p][f"peak_{name}"]),
+            "per_rate_ratios": per_rate,
+            "paper": {"range": list(claim[0]), "versus": claim[1], "text": claim[2]}}
+
+
+def _ratios(value: Callable[[str, str], float | None]) -> dict:
+    """lending / multi and lending / single of every metric of METRICS."""
+    return {f"{name}_lending/{other}": _ratio(value("lending", name), value(other, name))
+            for name in METRICS for other in ("multi", "single")}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# ---- running ----------------------------------------------------------------------------
+
+
+class _InlineExecutor:
+    """--jobs 1: run each job when submitted, in this process."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed back through the future, as a pool would
+            future.set_exception(e)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def run_jobs(first: list[Job], sweeps: dict[tuple[str, int], RateSweep], num_jobs: int,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Run `first` and every job the sweeps ask for next, `num_jobs` at a time; the results in
+    the order they finished. A sweep's next rate is submitted as soon as its current rate is
+    done, so cells never wait for each other."""
+    pool = (_InlineExecutor() if num_jobs == 1 else ProcessPoolExecutor(
+        num_jobs, mp_context=multiprocessing.get_context("spawn")))
+    results: list[dict] = []
+    with pool:
+        pending = {pool.submit(run_job, job): job for job in first}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                r = future.result()
+                results.append(r)
+                log(f"[{len(results)} done, {len(pending)} queued] {job.label()}: "
+                    f"{_brief(r)} (wall {r['wall_s']:.1f} s)")
+                if job.kind == "rate":
+                    for nxt in sweeps[job.trace, job.instances].add(r):
+                        pending[pool.submit(run_job, nxt)] = nxt
+    return results
+
+
+def _brief(r: dict) -> str:
+    if r["kind"] == "context":
+        return f"{r['longest_context_tokens']} tokens, served {r['served']}"
+    return (f"{_fmt(r['loaded_output_tokens_per_s'])} out tok/s loaded "
+            f"({r['output_tokens_per_s']:.4g} over the run), goodput "
+            f"{_fmt(r['loaded_goodput_tokens_per_s'])}, SLO {r['slo_attainment']:.2f}")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def make_sweeps(args) -> dict[tuple[str, int], RateSweep]:
+    sweeps = {}
+    for n in args.instances:
+        num = args.num_requests or args.requests_per_instance * n
+        template = Job("rate", args.model, args.device, n, "", num_requests=num,
+                       seed=args.seed, slo=args.slo)
+        for trace in args.traces:
+            if args.rates:
+                rates = list(args.rates)
+            else:
+                start = capacity_estimate(args.model, args.device, n, trace) / 4
+                rates = [float(f"{start:.3g}")]
+            sweeps[trace, n] = RateSweep(trace, n, template, rates, args.max_rates,
+                                         fixed=bool(args.rates))
+    return sweeps
+
+
+def run_experiments(args, log: Callable[[str], None] = print) -> dict:
+    """Both experiments as `args` asks; the report (settings, runs, summaries, paper)."""
+    started = time.perf_counter()
+    sweeps = make_sweeps(args) if "rates" in args.experiments else {}
+    # the biggest cells first, so that the pool's last minutes are not one long run
+    first = [j for key in sorted(sweeps, key=lambda k: -k[1]) for j in sweeps[key].jobs(0)]
+    if "context" in args.experiments:
+        first += context_jobs(args.context_models, args.device, args.context_instances,
+                              args.serve_max_instances)
+    results = run_jobs(first, sweeps, args.jobs, log)
+    context = [r for r in results if r["kind"] == "context"]
+    return {"bench": "sim_paper", "modelled": True,
+            "note": "simulated: every figure is modelled by infinillm.sim, not measured",
+            "settings": settings_of(args), "wall_s": time.perf_counter() - started,
+            "context": context_rows(context) if context else [],
+            "rate_runs": [r for s in sweeps.values() for r in s.results()],
+            "rate_summaries": [summarize_sweep(s, args.slo_attainment) for s in sweeps.values()],
+            "paper": {"context": PAPER_CONTEXT,
+                      "rates": {k: v[2] for k, v in PAPER_RATES.items()}}}
+
+
+def settings_of(args) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if k not in ("out",)}
+
+
+# ---- printing ---------------------------------------------------------------------------
+
+
+def print_report(report: dict) -> None:
+    print("\nMODELLED (simulated cluster, infinillm.sim); nothing here was measured on GPUs")
+    if report["context"]:
+        print("\n1. Longest context (tokens) vs instances; paper:", PAPER_CONTEXT["text"])
+        print_table([{**r, "prefill_s": r["prefill_s"] and round(r["prefill_s"], 1),
+                      "ratio_vs_multi": r["ratio_vs_multi"] and round(r["ratio_vs_multi"], 2)}
+                     for r in report["context"]])
+    for s in report["rate_summaries"]:
+        print(f"\n2. {s['trace']} trace, {s['instances']} instances, {s['num_requests']} requests "
+              f"(stopped: {s['stop_reason']}); paper: {s['paper']['text']}")
+        print_table([_run_row(r) for r in report["rate_runs"]
+                     if (r["trace"], r["instances"]) == (s["trace"], s["instances"])])
+        print_table([{"policy": p, "sustained rate": v["sustained_rate"],
+                      **{f"peak {name}": f"{_fmt(v[f'peak_{name}'])} @ {v[f'peak_{name}_rate']:g}"
+                         for name in METRICS}} for p, v in s["policies"].items()])
+        print(f"ratios lending / multi (L/M) and lending / single (L/S); paper: "
+              f"{s['paper']['text']}")
+        print_table([{"at": "peaks", **_short(s["peak_ratios"])}]
+                    + [{"at": f"{r['rate']:g} req/s", **_short(r)} for r in s["per_rate_ratios"]])
+
+
+def _run_row(r: dict) -> dict:
+    return {"rate": r["rate"], "policy": r["policy"],
+            "out tok/s": r["loaded_output_tokens_per_s"],
+            "goodput": r["loaded_goodput_tokens_per_s"],
+            "out (run)": r["output_tokens_per_s"], "goodput (run)": r["goodput_tokens_per_s"],
+            "SLO att": r["slo_attainment"],
+            "TTFT p99": r["ttft_p99_s"], "TPOT p99": r["tpot_p99_s"],
+            "done": r["completed"], "refused": r["refused"], "cut": r["cut_short"],
+            "preempt": r["preemptions"], "moves": r["block_moves"], "wall s": r["wall_s"]}
+
+
+def _short(ratios: dict) -> dict:
+    """Ratio columns under short names: `output_run_lending/multi` -> `output_run L/M`."""
+    return {k.replace("_lending/multi", " L/M").replace("_lending/single", " L/S"):
+            (None if v is None else round(v, 2)) for k, v in ratios.items() if k != "rate"}
+
+
+# ---- command line -----------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 2 and 4 instances, 60 requests, 2 rates")
+    ap.add_argument("--experiments", default="context,rates", help="context and/or rates")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (1: this process)")
+    ap.add_argument("--device", default="a100-80gb")
+    ap.add_argument("--context-models", default="llama2-7b,llama2-13b")
+    ap.add_argument("--context-instances", default=None, help="default 1,2,4,8,16,32")
+    ap.add_argument("--serve-max-instances", type=int, default=None,
+                    help="serve the longest prompt where instances <= this (default 8)")
+    ap.add_argument("--no-serve", action="store_true", help="admission only, serve nothing")
+    ap.add_argument("--model", default="llama2-13b", help="model of the rate experiment")
+    ap.add_argument("--instances", default=None, help="default 8,32")
+    ap.add_argument("--traces", default="short,long,mixed")
+    ap.add_argument("--requests-per-instance", type=int, default=None,
+                    help="requests per trace = this x instances (default 40)")
+    ap.add_argument("--num-requests", type=int, default=None,
+                    help="requests per trace at every instance count (overrides the above)")
+    ap.add_argument("--rates", default=None, help="a fixed rate grid, req/s (default: adaptive)")
+    ap.add_argument("--max-rates", type=int, default=None, help="adaptive grid's cap (default 8)")
+    ap.add_argument("--slo-ttft", type=float, default=None)
+    ap.add_argument("--slo-tpot", type=float, default=None)
+    ap.add_argument("--slo-attainment", type=float, default=0.9,
+                    help="share of requests within the SLO for a rate to count as sustained")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/sim_paper.json"))
+    return finish_args(ap, ap.parse_args(argv))
+
+
+def finish_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    from infinillm.sim.cli import SLO_TPOT_S, SLO_TTFT_S
+
+    preset = PRESETS["quick" if args.quick else "full"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.no_serve:
+        args.serve_max_instances = 0
+    args.slo = (SLO_TTFT_S if args.slo_ttft is None else args.slo_ttft,
+                SLO_TPOT_S if args.slo_tpot is None else args.slo_tpot)
+    args.experiments = _names(ap, "--experiments", args.experiments, ("context", "rates"))
+    args.traces = _names(ap, "--traces", args.traces, tuple(PAPER_RATES))
+    args.context_models = args.context_models.split(",")
+    args.context_instances = [int(x) for x in str(args.context_instances).split(",")]
+    args.instances = [int(x) for x in str(args.instances).split(",")]
+    args.rates = [float(x) for x in args.rates.split(",")] if args.rates else None
+    if args.jobs < 1 or args.max_rates < 1:
+        ap.error(f"--jobs and --max-rates must be >= 1, got {args.jobs} and {args.max_rates}")
+    return args
+
+
+def _names(ap, flag: str, value: str, valid: tuple[str, ...]) -> list[str]:
+    names = value.split(",")
+    bad = [n for n in names if n not in valid]
+    if bad or not value:
+        ap.error(f"{flag} must name some of {', '.join(valid)}, got {value!r}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run_experiments(args, log=lambda line: print(line, flush=True))
+    report["machine"] = machine_info()
+    print_report(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    if not args.no_plots:
+        from bench.lib.sim_plots import plot_sim_paper
+
+        plot_sim_paper(report, ROOT / "docs/img")
+    print(f"\ntotal wall time {report['wall_s']:.1f} s on {args.jobs} process(es); "
+          f"wrote {out}", flush=True)
+    emit_json(report)
+
+
+if __name__ == "__main__":
+    main()
