@@ -5,47 +5,61 @@ here is MODELLED (infinillm.sim: the real control plane on a cost model of the G
         [--context-models llama2-7b,llama2-13b] [--context-instances 1,2,4,8,16,32]
         [--serve-max-instances 8 | --no-serve]
         [--model llama2-13b] [--device a100-80gb] [--instances 8,32] [--traces short,long,mixed]
-        [--requests-per-instance 40 | --num-requests N] [--rates 1,2,4 | --max-rates 8]
+        [--window-s 25] [--min-requests 100] [--num-requests N] [--rates 1,2,4 | --max-rates 8]
         [--slo-ttft 10] [--slo-tpot 0.2] [--slo-attainment 0.9] [--seed 0] [--no-plots]
 
 Policies (infinillm.sim.run): `lending` = N instances, one GPU each, pooling KV (the paper's
 system); `multi` = the same N instances keeping their KV to themselves ("vLLM-multi"); `single`
-= one instance tensor parallel over all N GPUs ("vLLM-single").
+= one instance tensor parallel over all N GPUs ("vLLM-single"). All run the engine's defaults
+(max_num_seqs 256 per instance, so `single` batches at most 256 requests over all N GPUs).
 
 1. Longest context vs instances (`context`): for each of --context-models on --device and each
    N of --context-instances, the longest prompt each policy admits (bisection on the engine's
    admission check, `longest_context`). `multi` is what one request can get without pooling
    (one instance's pool, whatever N); `lending` pools every pool (minus the `max_lent_fraction`
-   each lender keeps); `single` is all N GPUs' memory after one copy of the weights. The
-   longest prompt is then served to its first token (prefill across the cluster) where N <=
-   --serve-max-instances: serving costs wall time that grows faster than N (about 30 s for
-   lending at 8 instances, extrapolated ~3 min at 16 and ~15 min at 32 on a 2-core machine),
-   so larger N report admission only ("served" = None). Ratio: lending / multi. Paper (v1): up
-   to 1.9M tokens on 32 A100-80GB with LLaMA2, 2-19x longer context than vLLM.
+   each lender keeps, so 1 + 0.9 (N - 1) pools); `single` is all N GPUs' memory after one copy
+   of the weights. The longest prompt is then served to its first token (a prefill across the
+   cluster) where N <= --serve-max-instances: serving costs wall time that grows faster than N
+   (measured on 2 cores, llama2-7b: lending 5 s at 4 instances, 30 s at 8; single 2.4 s and
+   9 s; extrapolated lending ~3 min at 16 and ~15 min at 32), so larger N report admission
+   only ("served" = None). Ratio: lending / multi. Paper (v1): up to 1.9M tokens on 32
+   A100-80GB with LLaMA2, 2-19x longer context than vLLM.
 2. Throughput and goodput vs rate (`rates`): --model on --device, for each trace of --traces
    (infinillm.sim.traces: short = ShareGPT-like, long = L-Eval-like, mixed = 90 % short, 10 %
    long) and each N of --instances, every policy on the same seeded trace at the same rates.
-   The rate grid per (trace, N) starts at a quarter of a rough analytic capacity of N
-   instances (`capacity_estimate`: prefill plus batched decode per request from the cost
-   model) and doubles until the best policy's output throughput grows < 5 % over the previous
-   rate, or every policy's SLO attainment is < 0.5, or --max-rates rates ran (--rates gives a
-   fixed grid instead). Requests per trace: --requests-per-instance x N (or --num-requests).
-   Per run: everything `simulate` returns (output and total tokens/s over first arrival to
-   last finish, goodput = output tokens/s of the requests within the SLO, SLO attainment =
-   share of all requests within it, TTFT/TPOT p50/p99 nearest rank, completed, refused at
-   admission, cut short, preemptions, block moves, simulated seconds, wall seconds). Per
-   (trace, N) and policy: the sustained rate (the highest rate of the grid with SLO attainment
-   >= --slo-attainment; None if none), the peak output throughput and the peak goodput over
-   the grid; the ratios lending / multi and lending / single at the peaks (each policy's own
-   peak) and at every rate. Paper: v2 1.35-1.73x over vLLM-multi on short traces, 1.4-3.4x
-   over one big vLLM instance (single) on long traces; v1 1.03-2.4x end-to-end throughput.
+   Requests per trace: a rough analytic capacity of N instances (`capacity_estimate`: prefill
+   plus batched decode per request at the trace's mean lengths, from the cost model) x
+   --window-s, at least --min-requests (or --num-requests for every cell): at that capacity
+   the arrivals span --window-s seconds, whatever the trace. The rate grid starts at a quarter
+   of the estimate and doubles until the best policy's output throughput grows < 5 % over the
+   previous rate, or every policy's SLO attainment is < 0.5; when already the first rate has
+   every policy below 0.5 (the estimate ignores the cluster's synchronous step and queueing,
+   so it can be far too high), it halves instead until some policy meets the SLO; at most
+   --max-rates rates (--rates: a fixed grid instead).
+   Per run: everything `simulate` returns: output and total tokens/s over the whole run (first
+   arrival to last finish), `loaded_output_tokens_per_s` (the output tokens produced while
+   requests still arrive, over that span: without the drain at the end, where with the
+   traces' heavy-tailed output lengths a few long requests can run alone for minutes; it
+   still includes the ramp up from an empty cluster), goodput (output tokens/s of the requests
+   within the SLO, over the run and loaded), SLO attainment (share of all requests within
+   it), TTFT/TPOT p50/p99 (nearest rank), completed, refused at admission, cut short,
+   preemptions, block moves, simulated and wall seconds. Per (trace, N) and policy: the
+   sustained rate (the highest rate of the grid with SLO attainment >= --slo-attainment; None
+   if none), the peak output throughput and peak goodput over the grid (loaded, and over the
+   run: `_run`); the ratios lending / multi and lending / single at the peaks (each policy's
+   own peak) and at every rate. The grid's stopping rule reads the loaded output throughput.
+   Paper: v2 1.35-1.73x over vLLM-multi on short traces, 1.4-3.4x over one big vLLM instance
+   (single) on long traces; v1 1.03-2.4x end-to-end throughput.
 
-Runs are independent and run in a process pool of --jobs processes (1: in this process); a
-line per finished run with its wall time. Defaults are the documented full configuration
-(sized to take about 25 min on 2 cores); --quick is a smoke test (2 and 4 instances, 60
-requests, 2 rates). Writes bench/results/sim_paper.json, docs/img/sim_longest_context.png,
-sim_throughput_vs_rate.png and sim_goodput_vs_rate.png; prints tables, the total wall time and,
-last, one JSON line (the file's content).
+Runs are independent and run in a process pool of --jobs processes (1: in this process, in
+order); a line per finished run with its wall time. The defaults are the documented full
+configuration, sized for about 15 min on 2 cores with the control plane whose per-step cost
+follows the borrowed blocks (lending runs at 32 instances cost several times more where the
+rebalancer scans every block of the cluster each step); --quick is a smoke test (2 and 4
+instances, 60 requests, 2 rates, context up to 4 instances). Writes
+bench/results/sim_paper.json and, in --img-dir (docs/img), sim_longest_context.png,
+sim_throughput_vs_rate.png and sim_goodput_vs_rate.png; prints tables, the total wall time
+and, last, one JSON line (the file's content).
 """
 
 from __future__ import annotations
@@ -72,9 +86,9 @@ GROWTH_STOP = 1.05  # the best policy's output tokens/s must grow by 5 % for the
 ATTAINMENT_STOP = 0.5  # every policy below this share within the SLO: saturated
 PRESETS = {
     "full": {"context_instances": "1,2,4,8,16,32", "instances": "8,32", "max_rates": 8,
-             "requests_per_instance": 40, "num_requests": None, "serve_max_instances": 8},
+             "num_requests": None, "serve_max_instances": 8},
     "quick": {"context_instances": "1,2,4", "instances": "2,4", "max_rates": 2,
-              "requests_per_instance": None, "num_requests": 60, "serve_max_instances": 4},
+              "num_requests": 60, "serve_max_instances": 4},
 }
 # The paper's figures (PAPER.md), printed beside ours: (low, high) ratio, against which policy.
 PAPER_RATES = {
@@ -196,17 +210,23 @@ def capacity_estimate(model: str, device: str, instances: int, trace: str,
 
 @dataclass(slots=True)
 class RateSweep:
-    """The rate grid of one (trace, instances) cell: every policy at one rate, then the next
-    (doubled) rate while `should_continue` says the cluster is not yet saturated."""
+    """The rate grid of one (trace, instances) cell: every policy at one rate, then the next.
+
+    Upward (from the first rate): double while the cluster is not saturated (`_go_on_up`).
+    If at the first rate every policy is already below ATTAINMENT_STOP, the start was too
+    high: halve instead, until some policy meets the SLO (`attainment` of its requests).
+    `fixed`: the given rates, in order, nothing decided."""
 
     trace: str
     instances: int
     template: Job  # model, device, seed, slo, num_requests
-    rates: list[float]  # the grid so far; fixed in advance with `fixed`
+    rates: list[float]  # in the order they ran
     max_rates: int
+    attainment: float = 0.9
     fixed: bool = False
     runs: dict[tuple[int, str], dict] = field(default_factory=dict)  # (rate index, policy)
     stop_reason: str = ""
+    downward: bool = False
 
     def jobs(self, index: int) -> list[Job]:
         t = self.template
@@ -220,20 +240,31 @@ class RateSweep:
         self.runs[index, result["policy"]] = result
         if any((index, p) not in self.runs for p in POLICIES):
             return []
-        if not self.should_continue(index):
+        nxt = self._next_rate(index)
+        if nxt is None:
             return []
         if not self.fixed:
-            self.rates.append(self.rates[-1] * 2)
+            self.rates.append(nxt)
         return self.jobs(index + 1)
 
-    def should_continue(self, index: int) -> bool:
+    def _next_rate(self, index: int) -> float | None:
         if index + 1 >= (len(self.rates) if self.fixed else self.max_rates):
             self.stop_reason = "last rate of the grid"
-            return False
+            return None
         if self.fixed:
-            return True
+            return self.rates[index + 1]
         now = [self.runs[index, p] for p in POLICIES]
-        if all(r["slo_attainment"] < ATTAINMENT_STOP for r in now):
+        best_slo = max(r["slo_attainment"] for r in now)
+        if self.downward or (index == 0 and best_slo < ATTAINMENT_STOP):
+            self.downward = True
+            if best_slo >= self.attainment:
+                self.stop_reason = "down from a saturated start to a rate within the SLO"
+                return None
+            return min(self.rates) / 2
+        return max(self.rates) * 2 if self._go_on_up(index, now, best_slo) else None
+
+    def _go_on_up(self, index: int, now: list[dict], best_slo: float) -> bool:
+        if best_slo < ATTAINMENT_STOP:
             self.stop_reason = f"every policy's SLO attainment < {ATTAINMENT_STOP}"
             return False
         if index > 0:
@@ -247,8 +278,8 @@ class RateSweep:
         return True
 
     def results(self) -> list[dict]:
-        return [self.runs[k] for k in sorted(self.runs, key=lambda k: (
-            k[0], POLICIES.index(k[1])))]
+        """The runs by rate (ascending), policies in POLICIES order."""
+        return sorted(self.runs.values(), key=lambda r: (r["rate"], POLICIES.index(r["policy"])))
 
 
 def summarize_sweep(sweep: RateSweep, attainment: float) -> dict:
@@ -345,19 +376,19 @@ def _fmt(v: float | None) -> str:
 
 
 def make_sweeps(args) -> dict[tuple[str, int], RateSweep]:
+    """A sweep per (trace, instances). Requests per trace: --num-requests, else the capacity
+    estimate x --window-s (at least --min-requests): at the estimated capacity the arrivals
+    then span --window-s seconds, whatever the trace."""
     sweeps = {}
     for n in args.instances:
-        num = args.num_requests or args.requests_per_instance * n
-        template = Job("rate", args.model, args.device, n, "", num_requests=num,
-                       seed=args.seed, slo=args.slo)
         for trace in args.traces:
-            if args.rates:
-                rates = list(args.rates)
-            else:
-                start = capacity_estimate(args.model, args.device, n, trace) / 4
-                rates = [float(f"{start:.3g}")]
+            capacity = capacity_estimate(args.model, args.device, n, trace)
+            num = args.num_requests or max(args.min_requests, round(capacity * args.window_s))
+            template = Job("rate", args.model, args.device, n, "", num_requests=num,
+                           seed=args.seed, slo=args.slo)
+            rates = list(args.rates) if args.rates else [float(f"{capacity / 4:.3g}")]
             sweeps[trace, n] = RateSweep(trace, n, template, rates, args.max_rates,
-                                         fixed=bool(args.rates))
+                                         args.slo_attainment, fixed=bool(args.rates))
     return sweeps
 
 
@@ -384,7 +415,7 @@ def run_experiments(args, log: Callable[[str], None] = print) -> dict:
 
 def settings_of(args) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-            if k not in ("out",)}
+            if k not in ("out", "img_dir")}
 
 
 # ---- printing ---------------------------------------------------------------------------
@@ -446,10 +477,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="llama2-13b", help="model of the rate experiment")
     ap.add_argument("--instances", default=None, help="default 8,32")
     ap.add_argument("--traces", default="short,long,mixed")
-    ap.add_argument("--requests-per-instance", type=int, default=None,
-                    help="requests per trace = this x instances (default 40)")
+    ap.add_argument("--window-s", type=float, default=25.0,
+                    help="requests per trace = capacity estimate x this (default 25)")
+    ap.add_argument("--min-requests", type=int, default=100)
     ap.add_argument("--num-requests", type=int, default=None,
-                    help="requests per trace at every instance count (overrides the above)")
+                    help="requests per trace, every trace and instance count (overrides "
+                         "--window-s; --quick: 60)")
     ap.add_argument("--rates", default=None, help="a fixed rate grid, req/s (default: adaptive)")
     ap.add_argument("--max-rates", type=int, default=None, help="adaptive grid's cap (default 8)")
     ap.add_argument("--slo-ttft", type=float, default=None)
@@ -459,6 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/sim_paper.json"))
+    ap.add_argument("--img-dir", default=str(ROOT / "docs/img"), help="where the plots go")
     return finish_args(ap, ap.parse_args(argv))
 
 
@@ -503,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_plots:
         from bench.lib.sim_plots import plot_sim_paper
 
-        plot_sim_paper(report, ROOT / "docs/img")
+        plot_sim_paper(report, Path(args.img_dir))
     print(f"\ntotal wall time {report['wall_s']:.1f} s on {args.jobs} process(es); "
           f"wrote {out}", flush=True)
     emit_json(report)

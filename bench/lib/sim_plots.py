@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 COLORS = {"lending": "tab:blue", "multi": "tab:orange", "single": "tab:green"}
+# lending and multi coincide where nothing is borrowed: dashes let both lines show
+LINES = {"lending": {"ls": "-", "marker": "o"}, "multi": {"ls": "--", "marker": "s", "ms": 4},
+         "single": {"ls": "-.", "marker": "^"}}
 MARKERS = ("o", "s", "^", "D")
 
 
@@ -85,14 +88,17 @@ def _plot_rates(plt, report: dict, keys: tuple[str, str], ylabel: str, title: st
     for row, n in zip(axes, sizes, strict=True):
         for ax, trace in zip(row, traces, strict=True):
             for policy, color in COLORS.items():
-                for key, style in zip(keys, ({"marker": "o", "label": policy},
+                for key, style in zip(keys, ({**LINES[policy], "label": policy},
                                              {"ls": ":", "lw": 1}), strict=True):
                     pts = sorted((r["rate"], r[key]) for r in runs if (
                         r["trace"], r["instances"], r["policy"]) == (trace, n, policy)
                         and r[key] is not None)
                     if pts:
                         ax.plot(*zip(*pts, strict=True), color=color, **style)
+            rates = sorted({r["rate"] for r in runs if (r["trace"], r["instances"]) == (trace, n)})
             ax.set_xscale("log", base=2)
+            ax.set_xticks(rates, [f"{x:.3g}" for x in rates])
+            ax.minorticks_off()
             ax.set(title=f"{trace}, {n} instances", xlabel="request rate (req/s)",
                    ylabel=ylabel)
             ax.set_ylim(bottom=0)

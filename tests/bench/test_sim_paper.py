@@ -98,12 +98,14 @@ def test_plots_are_written(report, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-def _fake(sweep: RateSweep, index: int, tok_s: tuple[float, ...], slo: float = 1.0) -> list:
+def _fake(sweep: RateSweep, index: int, tok_s: tuple[float, ...],
+          slo: float | tuple[float, ...] = 1.0) -> list:
     """Feed `sweep` made-up results for its `index`-th rate; the jobs it asks for next."""
     nxt: list[Job] = []
-    for p, t in zip(POLICIES, tok_s, strict=True):
+    slos = slo if isinstance(slo, tuple) else (slo,) * len(POLICIES)
+    for p, t, a in zip(POLICIES, tok_s, slos, strict=True):
         nxt = sweep.add({"rate_index": index, "rate": sweep.rates[index], "policy": p,
-                         "slo_attainment": slo, METRICS["output"]: t})
+                         "slo_attainment": a, METRICS["output"]: t})
     return nxt
 
 
@@ -118,11 +120,21 @@ def test_the_grid_doubles_until_throughput_stops_growing():
 
 def test_the_grid_stops_at_saturated_slo_and_at_its_cap():
     sweep = RateSweep("long", 8, Job("rate", "m", "d", 8, ""), [1.0], max_rates=8)
-    assert _fake(sweep, 0, (10, 9, 8), slo=0.4) == []
-    assert "SLO attainment" in sweep.stop_reason
+    assert _fake(sweep, 0, (10, 9, 8))
+    assert _fake(sweep, 1, (20, 18, 16), slo=0.4) == []
+    assert "SLO attainment" in sweep.stop_reason and sweep.rates == [1.0, 2.0]
     capped = RateSweep("long", 8, Job("rate", "m", "d", 8, ""), [1.0], max_rates=2)
     assert _fake(capped, 0, (1, 1, 1))
     assert _fake(capped, 1, (5, 5, 5)) == [] and capped.rates == [1.0, 2.0]
+
+
+def test_a_saturated_start_steps_down_until_a_policy_meets_the_slo():
+    sweep = RateSweep("mixed", 32, Job("rate", "m", "d", 32, ""), [8.0], max_rates=8)
+    assert _fake(sweep, 0, (10, 9, 8), slo=(0.3, 0.2, 0.1))[0].rate == 4.0
+    assert _fake(sweep, 1, (10, 9, 8), slo=(0.8, 0.6, 0.1))[0].rate == 2.0  # 0.8 < 0.9
+    assert _fake(sweep, 2, (9, 9, 8), slo=(0.95, 0.7, 0.3)) == []
+    assert sweep.rates == [8.0, 4.0, 2.0] and sweep.stop_reason.startswith("down")
+    assert [r["rate"] for r in sweep.results()][::3] == [2.0, 4.0, 8.0]
 
 
 def test_quick_and_full_presets_and_the_slo_default():
