@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.sim_paper import (
-    METRICS,
-    POLICIES,
-    Job,
-    RateSweep,
-    capacity_estimate,
-    parse_args,
-    run_experiments,
-    summarize_sweep,
-)
+from bench.lib.sim_runs import METRICS, POLICIES, Job, RateSweep, capacity_estimate
+from bench.sim_paper import parse_args, run_experiments, summarize_sweep
 
 
 @pytest.fixture(scope="module")
