@@ -105,6 +105,15 @@ class ScheduledChunk:
     < start_pos + len(token_ids), wherever it lives, and samples a token after
     the last one when `sample` is set, with `params`. A seeded request draws from a generator
     seeded by (seed, num_output_tokens), so its samples do not depend on batching or preemption.
+
+    `blocks` is the scheduler's block table itself, not a copy (copying every table every step
+    cost O(blocks in the cluster)): a read-only view, valid for this step only. Nothing changes
+    a table between `schedule()` and the end of the executor's `execute()` (block moves happen
+    in the engine's rebalance, before `schedule()`); read it during the step, never change it,
+    and copy it to keep it longer. `holders` counts the blocks of `blocks` on each holder
+    instance (a copy, O(holders) to read: see runtime/traffic.py `tokens_by_holder`); the
+    scheduler always fills it; when a chunk is built by hand without it, it is counted from
+    `blocks`.
     """
 
     request_id: RequestId
@@ -114,6 +123,13 @@ class ScheduledChunk:
     sample: bool
     params: SamplingParams | None = None
     num_output_tokens: int = 0
+    holders: dict[InstanceId, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.holders is None:
+            self.holders = {}
+            for holder, _ in self.blocks:
+                self.holders[holder] = self.holders.get(holder, 0) + 1
 
 
 @dataclass(slots=True)

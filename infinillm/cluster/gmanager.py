@@ -27,6 +27,7 @@ class GManager:
     def __init__(self) -> None:
         self.rmanagers: dict[InstanceId, RManager] = {}
         self._lendable: dict[InstanceId, int] = {}
+        self._lendable_total = 0  # sum of _lendable, kept as it changes (asked per admission)
         self._keep_free: dict[InstanceId, int] = {}
         self.debts: Debts = {}
         self.num_refused_loans = 0
@@ -40,11 +41,16 @@ class GManager:
         """Forget a lost instance; it must hold no loans and owe nothing any more."""
         if any(instance in pair for pair in self.debts):
             raise RuntimeError(f"instance {instance} still has debts: {self.debt_matrix()}")
+        self._lendable_total -= self._lendable[instance]
         del self.rmanagers[instance], self._lendable[instance], self._keep_free[instance]
 
     def heartbeat(self, instance: InstanceId) -> None:
         """Refresh the view of one instance's lendable blocks."""
-        self._lendable[instance] = self.lendable_now(instance)
+        self._set_lendable(instance, self.lendable_now(instance))
+
+    def _set_lendable(self, instance: InstanceId, n: int) -> None:
+        self._lendable_total += n - self._lendable.get(instance, 0)
+        self._lendable[instance] = n
 
     def heartbeat_all(self, keep_free: dict[InstanceId, int] | None = None) -> None:
         """Refresh every view; `keep_free` (blocks each instance's queue needs now, not to be
@@ -60,7 +66,7 @@ class GManager:
 
     def lendable_elsewhere(self, instance: InstanceId) -> int:
         """What the other instances may lend, by the current view."""
-        return sum(n for i, n in self._lendable.items() if i != instance)
+        return self._lendable_total - self._lendable.get(instance, 0)
 
     # ---- borrowing ------------------------------------------------------------------------
 
@@ -70,7 +76,8 @@ class GManager:
         Policy: a creditor already holding this request's blocks first (fewer holders means
         fewer remote calls per layer), then the most lendable; a loan is split only when no
         single creditor can serve it."""
-        holding = {c for (d, c), reqs in self.debts.items() if d == debtor and request_id in reqs}
+        holding = {c for c in self._lendable
+                   if request_id in self.debts.get((debtor, c), ())}  # O(instances), not O(debts)
         order = sorted((c for c in self._lendable if c != debtor and self._lendable[c] > 0),
                        key=lambda c: (c in holding, self._lendable[c], -c), reverse=True)
         if sum(self._lendable[c] for c in order) < n:
@@ -84,12 +91,12 @@ class GManager:
             if left == 0:
                 break
         for g in grants:
-            self._lendable[g.creditor] -= g.num_blocks
+            self._set_lendable(g.creditor, self._lendable[g.creditor] - g.num_blocks)
         return grants
 
     def cancel(self, grants: list[Grant]) -> None:
         for g in grants:
-            self._lendable[g.creditor] += g.num_blocks
+            self._set_lendable(g.creditor, self._lendable[g.creditor] + g.num_blocks)
 
     def borrow(self, debtor: InstanceId, request_id: RequestId,
                n: int) -> list[tuple[InstanceId, list[BlockId]]] | None:
@@ -180,6 +187,10 @@ class GManager:
         """The ledger equals the pools and the tables; every RManager is consistent."""
         for rm in self.rmanagers.values():
             rm.check_integrity()
+        if self._lendable_total != sum(self._lendable.values()):
+            raise RuntimeError(f"lendable view {self._lendable} sums to "
+                               f"{sum(self._lendable.values())}, total says "
+                               f"{self._lendable_total}")
         from_pools: Debts = {}
         for creditor, rm in self.rmanagers.items():
             for (owner, rid), n in rm.lent_blocks().items():

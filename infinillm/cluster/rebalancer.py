@@ -152,8 +152,8 @@ class Rebalancer:
         for a, b in sorted(gm.debts):
             if a > b or (b, a) not in gm.debts:
                 continue
-            ours = list(gm.rmanagers[a].remote_entries(b))  # a's blocks held on b
-            theirs = list(gm.rmanagers[b].remote_entries(a))  # b's blocks held on a
+            ours = gm.rmanagers[a].remote_entries(b)  # a's blocks held on b
+            theirs = gm.rmanagers[b].remote_entries(a)  # b's blocks held on a
             for (ra, ia, on_b), (rb, ib, on_a) in zip(ours, theirs):
                 if len(moves) + 2 > budget:
                     return moves
@@ -166,8 +166,12 @@ class Rebalancer:
         gm = self.gmanager
         moves: list[BlockMove] = []
         for owner, rm in gm.rmanagers.items():
+            if budget <= 0:
+                break
             room = rm.num_free_blocks - self.recall_headroom
-            for rid, index, _ in list(rm.remote_entries()):
+            if room <= 0 or not rm.num_borrowed_blocks():
+                continue  # checked before walking any table: most owners have nothing to do
+            for rid, index, _ in rm.remote_entries():
                 if budget <= 0 or room <= 0:
                     break
                 if (rid, index) in planned:
@@ -189,10 +193,14 @@ class Rebalancer:
         moves: list[BlockMove] = []
         for creditor in gm.rmanagers:
             wanted = reclaim.get(creditor, 0)
-            for owner, rm in gm.rmanagers.items():
-                if owner == creditor:
-                    continue
-                for rid, index, _ in list(rm.remote_entries(creditor)):
+            if wanted <= 0:
+                continue
+            if budget <= 0:
+                break
+            # Only owners that owe this creditor hold blocks on it (the ledger equals the
+            # tables); planning reserves destinations but changes no table and no debt.
+            for owner in [o for o in gm.rmanagers if (o, creditor) in gm.debts]:
+                for rid, index, _ in gm.rmanagers[owner].remote_entries(creditor):
                     if wanted <= 0 or budget <= 0:
                         break
                     if (rid, index) in planned:

@@ -9,6 +9,10 @@ Everything goes through request-level calls; no other class touches its pool or 
 - For a block move (recall, migration): `claim` reserves a destination block, `set_block` points
   the owner's table at it, `hand_over` passes a used block to another request (a swap), and
   `release` frees the source.
+
+Cost: the rebalancer and the stats ask every step what is borrowed. The RManager keeps the
+number of borrowed blocks and the set of requests with blocks elsewhere up to date as tables
+change, so those questions cost O(1) or O(requests with remote blocks), never O(blocks).
 """
 
 from __future__ import annotations
@@ -17,12 +21,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from infinillm.kvcache import BlockPool, BlockTable, blocks_needed
+from infinillm.kvcache.block_table import Location
 from infinillm.types import BlockId, InstanceId, RequestId
 
 if TYPE_CHECKING:
     from infinillm.cluster.gmanager import GManager
-
-Location = tuple[InstanceId, BlockId]
 
 
 class RManager:
@@ -34,6 +37,12 @@ class RManager:
         self._pool = BlockPool(num_blocks, instance_id)
         self._tables: dict[RequestId, BlockTable] = {}
         self._ledger = ledger  # None: this instance neither borrows nor lends
+        # Kept as tables change: the requests with blocks elsewhere, each with the creation
+        # number of its table (to walk them in table order), and their number of such blocks.
+        self._remote: dict[RequestId, int] = {}
+        self._created: dict[RequestId, int] = {}
+        self._num_tables_created = 0
+        self._num_borrowed = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -60,7 +69,8 @@ class RManager:
         return self._pool.num_free + self._ledger.lendable_elsewhere(self.instance_id)
 
     def num_borrowed_blocks(self) -> int:
-        return sum(len(t) - len(t.blocks_on(self.instance_id)) for t in self._tables.values())
+        """Blocks of this owner's tables held by other instances (O(1))."""
+        return self._num_borrowed
 
     # ---- the owner side -------------------------------------------------------------------
 
@@ -81,9 +91,14 @@ class RManager:
                 return False
         if table is None:
             table = self._tables[request_id] = BlockTable()
+            self._created[request_id] = self._num_tables_created
+            self._num_tables_created += 1
         table.append(self.instance_id, self._pool.allocate(local, request_id))
         for creditor, blocks in borrowed:
             table.append(creditor, blocks)
+            self._num_borrowed += len(blocks)
+        if borrowed:
+            self._remote[request_id] = self._created[request_id]
         return True
 
     def tokens_that_fit(self, request_id: RequestId, num_computed_tokens: int) -> int:
@@ -97,6 +112,15 @@ class RManager:
         """The request's table in logical order: (holder instance, block) pairs (a copy)."""
         return list(self._tables[request_id].entries)
 
+    def block_view(self, request_id: RequestId) -> list[Location]:
+        """The request's table in logical order, not copied: a read-only view that is valid
+        until the table next changes (an allocation, a block move, or its freeing)."""
+        return self._tables[request_id].entries
+
+    def holder_counts(self, request_id: RequestId) -> dict[InstanceId, int]:
+        """Blocks of the request's table on each holder instance (a copy; O(holders))."""
+        return dict(self._tables[request_id].holders)
+
     def block_location(self, request_id: RequestId, index: int) -> Location:
         return self._tables[request_id].entries[index]
 
@@ -106,13 +130,17 @@ class RManager:
 
     def holds_blocks_on(self, request_id: RequestId, instance: InstanceId) -> bool:
         table = self._tables.get(request_id)
-        return table is not None and instance in table.instances()
+        return table is not None and instance in table.holders
 
     def remote_entries(self, holder: InstanceId | None = None
                        ) -> Iterator[tuple[RequestId, int, Location]]:
         """(request, logical index, (holder, block)) of this owner's blocks held elsewhere
-        (on `holder` only, when given), in table order."""
-        for rid, table in self._tables.items():
+        (on `holder` only, when given), in table order. Walks only the tables with such
+        blocks; the tables must not change while the iterator is in use."""
+        for rid in sorted(self._remote, key=self._remote.__getitem__):
+            table = self._tables[rid]
+            if holder is not None and holder not in table.holders:
+                continue
             for index, (where, block) in enumerate(table.entries):
                 if where != self.instance_id and (holder is None or where == holder):
                     yield rid, index, (where, block)
@@ -122,14 +150,28 @@ class RManager:
         table = self._tables.pop(request_id, None)
         if table is None:
             return
-        self._pool.free(table.blocks_on(self.instance_id))
-        for creditor in table.instances() - {self.instance_id}:
-            self._ledger.repay(self.instance_id, creditor, request_id,
-                               table.blocks_on(creditor))
+        del self._created[request_id]
+        if self._remote.pop(request_id, None) is None:
+            self._pool.free(table.block_ids())
+            return
+        self._num_borrowed -= len(table) - table.num_blocks_on(self.instance_id)
+        by_holder: dict[InstanceId, list[BlockId]] = {}
+        for where, block in table.entries:
+            by_holder.setdefault(where, []).append(block)
+        self._pool.free(by_holder.pop(self.instance_id, []))
+        for creditor, blocks in by_holder.items():
+            self._ledger.repay(self.instance_id, creditor, request_id, blocks)
 
     def set_block(self, request_id: RequestId, index: int, location: Location) -> None:
         """Point logical block `index` at `location` (a move's table switch)."""
-        self._tables[request_id].entries[index] = location
+        table = self._tables[request_id]
+        me = self.instance_id
+        self._num_borrowed += (location[0] != me) - (table.entries[index][0] != me)
+        table.set(index, location)
+        if table.held_elsewhere(me):
+            self._remote[request_id] = self._created[request_id]
+        else:
+            self._remote.pop(request_id, None)
 
     # ---- the creditor side ----------------------------------------------------------------
 
@@ -175,6 +217,7 @@ class RManager:
 
     def check_integrity(self) -> None:
         self._pool.check_integrity()
+        self._check_counts()
         own = [(rid, b) for rid, t in self._tables.items() for b in t.blocks_on(self.instance_id)]
         if len({b for _, b in own}) != len(own):
             raise RuntimeError(f"instance {self.instance_id}: a block is in two tables")
@@ -190,3 +233,25 @@ class RManager:
         if self._pool.num_lent > self.max_lent_blocks:
             raise RuntimeError(f"instance {self.instance_id}: {self._pool.num_lent} blocks "
                                f"lent, cap {self.max_lent_blocks}")
+
+    def _check_counts(self) -> None:
+        """The incrementally kept counts equal a recount of the tables."""
+        me = self.instance_id
+        for rid, table in self._tables.items():
+            counts: dict[InstanceId, int] = {}
+            for where, _ in table.entries:
+                counts[where] = counts.get(where, 0) + 1
+            if counts != table.holders:
+                raise RuntimeError(f"instance {me}: {rid}'s table holds {counts} per instance, "
+                                   f"its counts say {table.holders}")
+        remote = [(rid, index, loc) for rid, t in self._tables.items()
+                  for index, loc in enumerate(t.entries) if loc[0] != me]
+        if (list(self.remote_entries()) != remote
+                or set(self._remote) != {rid for rid, _, _ in remote}
+                or self._created.keys() != self._tables.keys()):
+            raise RuntimeError(f"instance {me}: remote blocks {remote} (in table order), "
+                               f"kept as {list(self.remote_entries())} of {sorted(self._remote)}")
+        borrowed = sum(len(t) - t.num_blocks_on(me) for t in self._tables.values())
+        if borrowed != self._num_borrowed:
+            raise RuntimeError(f"instance {me}: {borrowed} blocks borrowed, counter says "
+                               f"{self._num_borrowed}")

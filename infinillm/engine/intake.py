@@ -74,6 +74,10 @@ class Intake:
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError(f"prompt must be a non-empty string or token id list, got {prompt!r}")
+        # The common case, plain ints in range, checked at C speed (a prompt may be long); any
+        # doubt (bools, int subclasses, other types, out of range) takes the exact check.
+        if set(map(type, prompt)) == {int} and 0 <= min(prompt) and max(prompt) < self.vocab_size:
+            return None, list(prompt)
         bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
                or not 0 <= t < self.vocab_size]
         if bad:

@@ -11,6 +11,12 @@ produced.
 
 `schedule()` returns one typed result: the plan for the worker, the requests it preempted, and
 the requests that ended because the pool can never hold them (without lending).
+
+Cost: a step's scheduling work follows its batch, not the blocks held. A chunk gets its
+request's block table as a view, not a copy (see ScheduledChunk), and the blocks the queue needs
+(`queued_blocks`, asked by routing for every instance on every new request) are a running total,
+kept wherever `waiting` changes; a waiting request's length does not change while it waits
+(tokens are appended only to requests with a chunk in the step, which are running).
 """
 
 from __future__ import annotations
@@ -57,9 +63,10 @@ class Scheduler:
         self.can_wait = can_wait
         self.config = config
         self.rmanager = rmanager
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()  # changed only by the methods below
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._queued_blocks = 0  # sum of _blocks_to_start over `waiting`
 
     @property
     def num_unfinished(self) -> int:
@@ -67,9 +74,15 @@ class Scheduler:
 
     def queued_blocks(self) -> int:
         """Blocks the whole queue needs to start (prompts and tokens so far): what routing
-        counts against this instance's free blocks."""
-        bs = self.rmanager.block_size
-        return sum(blocks_needed(r.num_tokens + 1, bs) for r in self.waiting)
+        counts against this instance's free blocks. O(1): a running total."""
+        return self._queued_blocks
+
+    def recount_queued_blocks(self) -> int:
+        """`queued_blocks` recomputed from the queue (for the integrity check)."""
+        return sum(self._blocks_to_start(r) for r in self.waiting)
+
+    def _blocks_to_start(self, request: Request) -> int:
+        return blocks_needed(request.num_tokens + 1, self.rmanager.block_size)
 
     def demand(self) -> Demand:
         """What the queue head asks of the cluster: the free blocks it needs, if the local pool
@@ -87,6 +100,7 @@ class Scheduler:
     def add(self, request: Request) -> None:
         request.instance_id = self.instance_id
         self.waiting.append(request)
+        self._queued_blocks += self._blocks_to_start(request)
 
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free its blocks (no-op if already gone)."""
@@ -94,6 +108,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+            self._queued_blocks -= self._blocks_to_start(request)
         request.status = RequestStatus.FINISHED
         self.rmanager.free(request.request_id)
 
@@ -135,6 +150,7 @@ class Scheduler:
             if not self.rmanager.allocate_slots(request.request_id, num_new):
                 break
             self.waiting.popleft()
+            self._queued_blocks -= self._blocks_to_start(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             plan.chunks.append(self._chunk(request, num_new))
@@ -192,21 +208,29 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self._queued_blocks += self._blocks_to_start(request)
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         end = start + num_new
-        prompt_len = len(request.prompt_token_ids)
+        prompt, output = request.prompt_token_ids, request.output_token_ids
+        prompt_len = len(prompt)
+        # Slices of the chunk's own span only: joining prompt and output first would copy the
+        # whole prompt for every chunk of a long prefill.
         if start >= prompt_len:
-            tokens = request.output_token_ids[start - prompt_len : end - prompt_len]
+            tokens = output[start - prompt_len : end - prompt_len]
+        elif end <= prompt_len:
+            tokens = prompt[start:end]
         else:
-            tokens = request.all_token_ids()[start:end]
+            tokens = prompt[start:] + output[: end - prompt_len]
+        rid = request.request_id
         return ScheduledChunk(
-            request_id=request.request_id,
+            request_id=rid,
             token_ids=tokens,
             start_pos=start,
-            blocks=self.rmanager.block_locations(request.request_id),
+            blocks=self.rmanager.block_view(rid),  # not copied: valid for this step
             sample=end == request.num_tokens,
             params=request.params,
             num_output_tokens=len(request.output_token_ids),
+            holders=self.rmanager.holder_counts(rid),
         )

@@ -46,12 +46,17 @@ def cluster_stats(engine: ClusterEngine) -> dict:
 
 
 def check_integrity(engine: ClusterEngine) -> None:
-    """Every pool, table and the ledger agree (conservation), and only running requests hold
-    blocks; RuntimeError with the numbers otherwise."""
+    """Every pool, table and the ledger agree (conservation), only running requests hold
+    blocks, and the counts kept as things change (blocks per holder, borrowed blocks, queued
+    blocks) equal a recount; RuntimeError with the numbers otherwise."""
     if engine.gmanager is not None:
         engine.gmanager.check_integrity()
     for inst in engine.instances:
         inst.rmanager.check_integrity()
+        queued = inst.scheduler.recount_queued_blocks()
+        if queued != inst.scheduler.queued_blocks():
+            raise RuntimeError(f"instance {inst.instance_id}: its queue needs {queued} blocks, "
+                               f"the running total says {inst.scheduler.queued_blocks()}")
         live = {r.request_id for r in inst.scheduler.running}
         stray = set(inst.rmanager.request_ids()) - live
         if stray:

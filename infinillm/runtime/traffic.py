@@ -51,7 +51,24 @@ class RemoteWork:
 
 def is_padded_decode(me: InstanceId, c: ScheduledChunk) -> bool:
     return (len(c.token_ids) == 1 and c.start_pos < MAX_PADDED_DECODE_LEN
-            and all(holder == me for holder, _ in c.blocks))
+            and all(holder == me for holder in c.holders))
+
+
+def tokens_by_holder(c: ScheduledChunk, block_size: int) -> dict[InstanceId, int]:
+    """How many of the positions < start_pos + len(token_ids) (the chunk's context, its own
+    tokens included) each holder instance stores; holders that store none are left out.
+
+    O(holders), from `c.holders`: every block of a table is full except the last one needed,
+    which holds the remainder. A table longer than its context (blocks allocated for tokens not
+    scheduled yet) costs one look per extra block."""
+    end = c.start_pos + len(c.token_ids)
+    num_used = -(-end // block_size)
+    counts = {h: n * block_size for h, n in c.holders.items()}
+    for holder, _ in c.blocks[num_used:]:  # blocks past the context: usually none
+        counts[holder] -= block_size
+    if num_used:
+        counts[c.blocks[num_used - 1][0]] -= num_used * block_size - end
+    return {h: n for h, n in counts.items() if n > 0}
 
 
 def order_chunks(me: InstanceId, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], int]:

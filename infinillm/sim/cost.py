@@ -32,6 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from infinillm.model import ModelArch
+from infinillm.runtime.traffic import tokens_by_holder
 from infinillm.sim.devices import DeviceProfile
 from infinillm.types import BlockMove, InstanceId, ScheduledChunk
 
@@ -210,23 +211,6 @@ class CostModel:
         if not times:
             return 0.0
         return max(times) if concurrent else math.fsum(times)
-
-
-def tokens_by_holder(chunk: ScheduledChunk, block_size: int) -> dict[InstanceId, int]:
-    """Positions < start_pos + len(token_ids) of the chunk's request, per instance storing them.
-    Every block of the table is full but the last, which holds the rest."""
-    end = chunk.start_pos + len(chunk.token_ids)
-    num_blocks = -(-end // block_size)
-    counts: dict[InstanceId, int] = {}
-    holders = getattr(chunk, "holders", None)
-    if holders and len(chunk.blocks) == num_blocks:
-        for holder, n in holders.items():
-            counts[holder] = n * block_size
-    else:
-        for holder, _ in chunk.blocks[:num_blocks]:
-            counts[holder] = counts.get(holder, 0) + block_size
-    counts[chunk.blocks[num_blocks - 1][0]] -= num_blocks * block_size - end
-    return {h: n for h, n in counts.items() if n > 0}
 
 
 def new_tokens_by_holder(chunk: ScheduledChunk, block_size: int) -> dict[InstanceId, int]:

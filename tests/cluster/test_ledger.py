@@ -3,6 +3,7 @@ conservation."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +52,33 @@ def test_borrow_from_the_most_free_creditor_with_exact_ids():
     c.free(RequestId("c1"))
     assert gm.debts == {} and [rm.num_free_blocks for rm in (a, b, c)] == [4, 4, 4]
     gm.check_integrity()
+
+
+def test_borrowed_blocks_and_remote_entries_are_kept_as_tables_change():
+    """The owner's counts of blocks held elsewhere follow borrowing, moves and frees; remote
+    entries come in table order (tables in the order they were made), whatever the order in
+    which they got remote blocks."""
+    gm, (a, _) = cluster(2, 6)
+    r1, r2 = RequestId("r1"), RequestId("r2")
+    assert a.allocate_slots(r1, 8)  # A0, A1
+    assert a.allocate_slots(r2, 24)  # A2..A5, then B0, B1 borrowed
+    gm.heartbeat_all()
+    assert a.allocate_slots(r1, 12)  # r1 borrows B2 after r2 did, but its table is older
+    assert list(a.remote_entries()) == [(r1, 2, (B, 2)), (r2, 4, (B, 0)), (r2, 5, (B, 1))]
+    assert list(a.remote_entries(B)) == list(a.remote_entries())
+    assert list(a.remote_entries(C)) == [] and a.num_borrowed_blocks() == 3
+    a.free(r1)
+    assert a.num_borrowed_blocks() == 2
+    assert list(a.remote_entries()) == [(r2, 4, (B, 0)), (r2, 5, (B, 1))]
+    gm.apply_moves([gm.plan_move(A, r2, 4, A)])  # home to A0
+    assert a.num_borrowed_blocks() == 1 and list(a.remote_entries()) == [(r2, 5, (B, 1))]
+    gm.apply_moves([gm.plan_move(A, r2, 0, B)])  # A2 out to B0
+    assert a.num_borrowed_blocks() == 2
+    assert list(a.remote_entries()) == [(r2, 0, (B, 0)), (r2, 5, (B, 1))]
+    gm.check_integrity()
+    a._num_borrowed += 1  # corrupt the counter: the check recounts the tables
+    with pytest.raises(RuntimeError, match="2 blocks borrowed, counter says 3"):
+        gm.check_integrity()
 
 
 def test_creditor_refuses_what_it_cannot_serve_and_nothing_is_taken():

@@ -109,6 +109,35 @@ def test_a_request_that_needs_a_block_preempts_the_cheapest_of_itself_and_newer_
     assert plan_of(out) == [("a", 5, 1, [0, 1, 3], True)] and list(s.waiting) == [b]
 
 
+def test_queued_blocks_is_a_running_total_of_the_queue():
+    """Kept as requests join, start, are preempted (back first, with their output so far) and
+    end while waiting; routing asks it for every instance on every new request."""
+    s = scheduler(num_blocks=4, block_size=2, budget=16)
+    a, b = request("a", 3, 0), request("b", 1, 1)
+    s.add(a)  # 4 positions: 2 blocks
+    s.add(b)  # 2 positions: 1 block
+    assert s.queued_blocks() == s.recount_queued_blocks() == 3
+    for _ in range(3):
+        out = s.schedule()
+        advance(s, out)
+        assert s.queued_blocks() == s.recount_queued_blocks()
+    assert out.preempted == [b] and b.num_tokens == 3  # 4 positions: 2 blocks
+    assert s.queued_blocks() == s.recount_queued_blocks() == 2
+    s.finish(b)  # ends while waiting
+    assert s.queued_blocks() == s.recount_queued_blocks() == 0
+
+
+def test_a_chunk_carries_the_table_itself_and_its_blocks_per_holder():
+    s = scheduler(num_blocks=8, block_size=4, budget=16)
+    a = request("a", 10, 0)
+    s.add(a)
+    (chunk,) = s.schedule().plan.chunks
+    assert chunk.blocks is s.rmanager.block_view(a.request_id)  # a view for the step, no copy
+    assert chunk.blocks == [(I0, 0), (I0, 1), (I0, 2)] and chunk.holders == {I0: 3}
+    chunk.holders[I0] = 0  # the counts are the chunk's own copy
+    assert s.rmanager.holder_counts(a.request_id) == {I0: 3}
+
+
 def lone_request_outgrowing_the_pool(can_wait: bool) -> tuple[Scheduler, Request,
                                                               SchedulerOutput]:
     s = scheduler(num_blocks=2, block_size=2, budget=16, can_wait=can_wait)

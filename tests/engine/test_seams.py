@@ -9,6 +9,7 @@ from infinillm.config import Config
 from infinillm.engine import ClusterEngine, VirtualClock, WallClock
 from infinillm.runtime.executor import Executor, InstanceLost, StepResult
 from infinillm.runtime.fabric import FabricStats
+from infinillm.runtime.traffic import tokens_by_holder
 from infinillm.types import InstanceId, SamplingParams
 
 SECONDS_PER_TOKEN = 0.001
@@ -125,6 +126,51 @@ def test_an_abort_during_a_standstill_lets_the_survivor_go_on(tiny_llama):
     # stalled, it ends with "length" after 26 + 22 stored positions and one more sample
     assert outputs[0].outputs[0].token_ids == [5] * 23
     assert outputs[0].outputs[0].finish_reason == "length"
+
+
+class HolderCheckingExecutor(ScriptedExecutor):
+    """Checks during each step that every chunk's blocks per holder, and the positions each
+    holder stores (`tokens_by_holder`, a simulator's cost input), match a count over its
+    blocks."""
+
+    num_spread = 0  # chunks whose blocks were on more than one instance
+
+    def execute(self, plans):
+        for plan in plans:
+            for c in plan.chunks:
+                counts: dict[InstanceId, int] = {}
+                for holder, _ in c.blocks:
+                    counts[holder] = counts.get(holder, 0) + 1
+                assert c.holders == counts
+                stored: dict[InstanceId, int] = {}
+                for pos in range(c.start_pos + len(c.token_ids)):
+                    holder = c.blocks[pos // 4][0]
+                    stored[holder] = stored.get(holder, 0) + 1
+                assert tokens_by_holder(c, 4) == stored
+                self.num_spread += len(counts) > 1
+        return super().execute(plans)
+
+
+def test_chunks_count_their_blocks_per_holder_through_borrowing_and_moves(tiny_llama):
+    config = Config.from_kwargs(model=tiny_llama, block_size=4, num_instances=3,
+                                kv_blocks_per_instance=8, max_num_batched_tokens=16)
+    engine = ClusterEngine.from_config(config, VirtualClock(), HolderCheckingExecutor)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    for n in (50, 9, 20, 5):  # the first borrows; blocks come home as the others finish
+        engine.add_request([7] * n, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_integrity()
+    assert engine.executor.num_spread > 0 and engine.rebalancer.num_moves > 0
+
+
+def test_the_integrity_check_recounts_the_queue(tiny_llama):
+    engine = engine_on(tiny_llama, VirtualClock(), kv_blocks_per_instance=4)
+    engine.add_request([7, 8, 9], SamplingParams(max_tokens=1))  # 4 positions: 1 block
+    engine.check_integrity()
+    engine.instances[0].scheduler._queued_blocks += 1
+    with pytest.raises(RuntimeError, match="queue needs 1 blocks, the running total says 2"):
+        engine.check_integrity()
 
 
 class LosingExecutor(ScriptedExecutor):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
 from infinillm import LLM, SamplingParams
+from infinillm.engine.intake import Intake
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,20 @@ def test_prompts_rejected_before_anything_runs(llm):
     assert llm.engine.num_free_blocks() == [16]
     out = llm.generate(good, SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("prompt, shown", [
+    ([1, True], "[True]"),  # a bool is not a token id
+    ([1, -1], "[-1]"),
+    ([1.0, 2], "[1.0]"),
+    ((3, 512, 600), "[512, 600]"),
+])
+def test_token_id_prompts_are_checked_whatever_their_form(prompt, shown):
+    """Plain in-range ints pass a fast check; anything else gets the exact one."""
+    intake = Intake(None, Path("tiny"), 512, 1024, 16, False, lambda: 64)
+    assert intake.prepare((0, 511, 7)).token_ids == [0, 511, 7]
+    with pytest.raises(ValueError, match=re.escape(f"must be ints in [0, 512), got {shown}")):
+        intake.prepare(prompt)
 
 
 @pytest.mark.parametrize(

@@ -40,3 +40,22 @@ def test_block_table_and_blocks_needed():
     assert table.instances() == {0, 1}
     assert [blocks_needed(n, 16) for n in (0, 1, 16, 17)] == [0, 1, 1, 2]
     assert blocks_needed(7, 1) == 7
+
+
+def test_block_table_counts_its_blocks_per_holder_as_it_changes():
+    i0, i1, i2 = InstanceId(0), InstanceId(1), InstanceId(2)
+    table = BlockTable()
+    table.append(i0, [4, 2])
+    table.append(i1, [7])
+    table.append(i2, [])  # no blocks: not a holder
+    assert table.holders == {0: 2, 1: 1} and table.instances() == {0, 1}
+    assert table.num_blocks_on(i1) == 1 and table.num_blocks_on(i2) == 0
+    assert table.held_elsewhere(i0) and table.held_elsewhere(i1) and table.held_elsewhere(i2)
+    table.set(2, (i0, 9))  # the borrowed block comes home
+    assert table.entries == [(0, 4), (0, 2), (0, 9)]
+    assert table.holders == {0: 3} and not table.held_elsewhere(i0)
+    assert table.blocks_on(i0) == [4, 2, 9] and table.blocks_on(i1) == []
+    table.set(0, (i2, 1))
+    assert table.entries == [(2, 1), (0, 2), (0, 9)] and table.holders == {0: 2, 2: 1}
+    assert table.blocks_on(i0) == [2, 9] and table.blocks_on(i2) == [1]
+    assert BlockTable(list(table.entries)).holders == table.holders  # counted when built whole

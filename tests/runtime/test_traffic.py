@@ -6,6 +6,9 @@ is block * 4 + position % 4), so a change in the rules shows up as an exact mism
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from infinillm.runtime.traffic import (
     MAX_PADDED_DECODE_LEN,
     Prefix,
@@ -14,6 +17,7 @@ from infinillm.runtime.traffic import (
     order_chunks,
     prefix_by_holder,
     remote_work,
+    tokens_by_holder,
 )
 from infinillm.types import BlockId, InstanceId, RequestId, ScheduledChunk
 
@@ -129,3 +133,39 @@ def test_remote_work_follows_the_order_of_order_chunks():
     # q now starts at row 1; its two rows query holder 1 over block 9.
     assert remote_work(ME, ordered, num_padded, BS) == {
         InstanceId(1): RemoteWork([], [], [RemoteItem(1, 2, Prefix([9], 4))])}
+
+
+def test_a_chunk_built_without_holders_counts_them_from_its_blocks():
+    c = chunk("r", 1, 9, [(0, 3), (1, 8), (0, 5)])
+    assert c.holders == {0: 2, 1: 1}
+    given_counts = ScheduledChunk(RequestId("s"), [1], 0, [(ME, BlockId(0))], True,
+                                  holders={ME: 1})
+    assert given_counts.holders == {ME: 1}
+
+
+def test_tokens_by_holder_counts_full_blocks_and_the_last_ones_remainder():
+    # 3 tokens at 10..12: positions 0..12 (13) over blocks 0..3; block 3 holds only 12.
+    c = chunk("r", 3, 10, [(0, 3), (1, 8), (0, 5), (1, 9)])
+    assert tokens_by_holder(c, BS) == {ME: 8, InstanceId(1): 5}
+    # a table longer than the context: blocks 1 and 2 hold nothing yet (position 0 only)
+    c = chunk("new", 1, 0, [(2, 0), (1, 4), (2, 6)])
+    assert tokens_by_holder(c, BS) == {InstanceId(2): 1}
+    # the context ends on a block boundary: the last block is full
+    assert tokens_by_holder(chunk("d", 1, 7, [(1, 1), (0, 2)]), BS) == {ME: 4, InstanceId(1): 4}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_tokens_by_holder_equals_a_count_over_every_position(data):
+    block_size = data.draw(st.integers(1, 8), label="block_size")
+    end = data.draw(st.integers(1, 80), label="context")  # start_pos + len(token_ids)
+    num_new = data.draw(st.integers(1, end), label="num_new")
+    num_blocks = -(-end // block_size) + data.draw(st.integers(0, 3), label="extra blocks")
+    holders = data.draw(st.lists(st.integers(0, 4), min_size=num_blocks, max_size=num_blocks),
+                        label="holder of each block")
+    c = chunk("r", num_new, end - num_new, [(h, b) for b, h in enumerate(holders)])
+    expected: dict[InstanceId, int] = {}
+    for pos in range(end):
+        holder = c.blocks[pos // block_size][0]
+        expected[holder] = expected.get(holder, 0) + 1
+    assert tokens_by_holder(c, block_size) == expected

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from infinillm.model.arch import arch_from_dict
-from infinillm.sim.cost import CostModel, new_tokens_by_holder, tokens_by_holder
+from infinillm.runtime.traffic import tokens_by_holder
+from infinillm.sim.cost import CostModel, new_tokens_by_holder
 from infinillm.sim.devices import PRESETS as DEVICES
 from infinillm.sim.devices import DeviceProfile, load_profile
 from infinillm.sim.models import PRESETS as MODELS
@@ -27,7 +28,8 @@ def chunk(start: int, num_tokens: int, holders: list[int], block_size: int = 16,
     """A chunk whose table holds blocks on `holders` (one entry per block, in order)."""
     blocks = [(InstanceId(h), i) for i, h in enumerate(holders)]
     assert len(blocks) == -(-(start + num_tokens) // block_size)
-    return ScheduledChunk("r", [1] * num_tokens, start, blocks, sample)
+    counts = {h: holders.count(h) for h in set(holders)}
+    return ScheduledChunk("r", [1] * num_tokens, start, blocks, sample, holders=counts)
 
 
 @pytest.mark.parametrize("model, billions", [
