@@ -53,10 +53,11 @@ system); `multi` = the same N instances keeping their KV to themselves ("vLLM-mu
 
 Runs are independent and run in a process pool of --jobs processes (1: in this process;
 bench.lib.sim_runs); a line per finished run with its wall time. The defaults are the
-documented full configuration, sized for about 15 min on 2 cores with the control plane whose
-per-step cost follows the borrowed blocks (lending runs at 32 instances cost several times
-more where the rebalancer scans every block of the cluster each step); --quick is a smoke test
-(2 and 4 instances, 60 requests, 2 rates, context up to 4 instances). Writes
+documented full configuration, sized for 15-20 min on 2 cores (estimated from one timed run:
+32 instances, lending, mixed trace, 1,340 requests: 23 s; wall time grows with the requests'
+output tokens, ~40 us each, and with steps x instances, ~26 us each; the short trace at 32
+instances, ~5,000 requests a run, is about two thirds of it); --quick is a smoke test (2 and 4
+instances, 60 requests, 2 rates, context up to 4 instances; 90 s). Writes
 bench/results/sim_paper.json and, in --img-dir (docs/img), sim_longest_context.png,
 sim_throughput_vs_rate.png and sim_goodput_vs_rate.png; prints tables, the total wall time
 and, last, one JSON line (the file's content).
