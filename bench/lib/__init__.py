@@ -11,9 +11,11 @@
     http_load   streamed completion calls against an OpenAI-compatible server (needs httpx)
     servers     a server under test as a subprocess (needs httpx)
     plots       the results suite's figures (needs matplotlib)
+    sim_plots   sim_paper.py's figures of the simulated cluster (needs matplotlib)
 
 Every module imports only the standard library at import time except http_load and servers
-(httpx) and plots (matplotlib, imported when called); infinillm and vLLM are imported inside the
-functions that use them. This file imports nothing, so that `python -m bench.lib.workloads` (which
-writes a prompt file) runs its module once; import names from their modules.
+(httpx) and plots, sim_plots (matplotlib, imported when called); infinillm and vLLM are imported
+inside the functions that use them. This file imports nothing, so that `python -m
+bench.lib.workloads` (which writes a prompt file) runs its module once; import names from their
+modules.
 """

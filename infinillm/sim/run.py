@@ -18,6 +18,14 @@ engine refuses at admission (longer than the cluster can hold) counts as refused
 simulated seconds on the engine's virtual clock; TTFT = first token - arrival, TPOT = (end -
 first token) / (tokens - 1); percentiles are nearest rank. Goodput counts the output tokens of
 completed requests within the SLO (TTFT and TPOT).
+
+Throughput comes two ways. `output_tokens_per_s` (and goodput) is over the whole run, first
+arrival to last finish; its end is a drain where the last requests run alone, and with the
+traces' heavy-tailed output lengths that drain can be most of a short run. The `loaded_*`
+figures count only the output tokens produced while requests still arrive (first to last
+arrival; a request's tokens taken as produced evenly from its first token to its end), over
+that span: the throughput of the cluster under the offered load, without the drain (they still
+include the ramp up from an empty cluster at the start).
 """
 
 from __future__ import annotations
@@ -210,7 +218,31 @@ def summarize(records: Sequence[Record], slo: tuple[float, float] | None = None)
         out["goodput_tokens_per_s"] = (sum(r.num_tokens for r in good) / duration
                                        if duration else 0.0)
         out["slo_attainment"] = len(good) / len(records) if records else 0.0
+        out["loaded_goodput_tokens_per_s"] = _loaded_rate(good, records)
+    out["loaded_output_tokens_per_s"] = _loaded_rate(done, records)
     return out
+
+
+def _loaded_rate(counted: Sequence[Record], records: Sequence[Record]) -> float | None:
+    """Output tokens/s of `counted` produced between the first and the last arrival of
+    `records` (each request's tokens spread evenly from its first token to its end); None when
+    every request arrives at once."""
+    if not records:
+        return None
+    start = min(r.arrival_s for r in records)
+    end = max(r.arrival_s for r in records)
+    if end <= start:
+        return None
+    return sum(_tokens_by(r, end) for r in counted) / (end - start)
+
+
+def _tokens_by(r: Record, t: float) -> float:
+    """The tokens of a finished request `r` produced by time t (module docstring)."""
+    if r.first_token_s is None or r.first_token_s > t:
+        return 0.0
+    if r.end_s <= t:
+        return float(r.num_tokens)
+    return 1 + (r.num_tokens - 1) * (t - r.first_token_s) / (r.end_s - r.first_token_s)
 
 
 def simulate(setup: SimSetup, trace: Sequence[TraceRequest], *,
