@@ -1,15 +1,17 @@
 """`infinillm calibrate`: measure this machine into the simulator's `cpu` device profile.
 
 What is measured, in this order (float32, the model's own shapes):
-1. **GEMM rates**: one decoder layer's linear layers (q, k, v, o, gate, up, down) at M = 1 ..
-   512 rows; the best rate is `peak_flops`, each M's share of it the efficiency curve.
-2. **Memory bandwidth**: copying a 256 MiB tensor (bytes read + written per second).
-3. **Attention per key**: the attention backend's micro-attention of one query over 64 .. 4096
-   cached keys; the slope is the K/V bandwidth, the intercept the cost of a call.
-4. **Host overheads**: the real engine (one instance, this model) runs decode batches of 1 .. 32
-   requests and prefill chunks of 32 .. 512 tokens; what its measured step time exceeds the
-   model of 1-3 by is fitted as a cost per step, per request and per token (least squares).
-5. **Exchange latency**: the same engine with two instances, one request's blocks half on the
+1. **GEMM rates**: the model's linear layers (every layer its own weights, the engine's kernels)
+   at M = 1 .. 512 rows; the best rate is `peak_flops`, each M's share of it the efficiency
+   curve, and the weights' bytes over the time at M = 1 the memory bandwidth.
+2. **Attention per key**: the attention backend's micro-attention of one query over 64 .. 4096
+   cached keys (a cross-check, kept in the profile's `sources`).
+3. **Host overheads and attention as the engine runs it**: the real engine (one instance, this
+   model) runs decode batches of 1 .. 32 requests at contexts of 100 and 1000 tokens and
+   prefill chunks of 32 .. 512 tokens; what its measured step time exceeds the modelled GEMMs by
+   is fitted as a cost per step, per request, per token and per key read (non-negative least
+   squares). The per-key cost sets `attention_bandwidth`.
+4. **Exchange latency**: the same engine with two instances, one request's blocks half on the
    other: the extra time per layer of its decode steps over the same request all local is the
    in-process exchange (modelled as two latencies per layer).
 
@@ -48,31 +50,33 @@ def _best_time(fn: Callable[[], object], repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def measure_gemm(arch, dtype=torch.float32) -> dict[int, float]:
-    """FLOP/s of one decoder layer's linear layers per M, as the engine runs them (fused q/k/v
-    and gate/up, model/linear.py's kernels)."""
+def measure_gemm(arch, dtype=torch.float32) -> tuple[dict[int, float], float]:
+    """FLOP/s of the model's linear layers per M, and the bytes/s at which they stream the
+    weights at M = 1. Every layer has its own weights, as in the model, so they come from
+    memory, not from a cache; the engine's own kernels (model/linear.py), fused q/k/v and
+    gate/up as it runs them."""
     from infinillm.model.linear import Linear
 
     h, q, kv, i = (arch.hidden_size, arch.num_heads * arch.head_dim,
                    arch.num_kv_heads * arch.head_dim, arch.intermediate_size)
     shapes = ((q + 2 * kv, h), (h, q), (2 * i, h), (h, i))
-    layers = [Linear(torch.randn(o, n, dtype=dtype) * 0.02) for o, n in shapes]
-    params = sum(o * n for o, n in shapes)
-    rates = {}
+    layers = [[Linear(torch.randn(o, n, dtype=dtype) * 0.02) for o, n in shapes]
+              for _ in range(arch.num_layers)]
+    params = arch.num_layers * sum(o * n for o, n in shapes)
+    rates, stream = {}, 0.0
     for m in GEMM_ROWS:
         inputs = [torch.randn(m, n, dtype=dtype) for _, n in shapes]
 
         def run(inputs=inputs):
-            for x, layer in zip(inputs, layers):
-                layer(x)
+            for layer in layers:
+                for x, linear in zip(inputs, layer):
+                    linear(x)
 
-        rates[m] = 2 * params * m / _best_time(run)
-    return rates
-
-
-def measure_copy_bandwidth() -> float:
-    x = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)  # 256 MiB
-    return 2 * x.numel() * 4 / _best_time(x.clone, repeats=5)
+        seconds = _best_time(run, repeats=5 if m <= 64 else 3)
+        rates[m] = 2 * params * m / seconds
+        if m == 1:
+            stream = params * torch.empty((), dtype=dtype).element_size() / seconds
+    return rates, stream
 
 
 def measure_attention(arch, block_size: int = 16) -> tuple[float, float]:
@@ -144,8 +148,8 @@ def _engine_steps(model: str | None, log) -> list[tuple[list, float]]:
         while engine.has_unfinished_requests():
             engine.step()
             rec = engine.last_step.instances[0]
-            if keep(rec):
-                samples.append((list(planned), rec.seconds))
+            if keep(rec):  # the whole engine step: the driver's share is host overhead too
+                samples.append((list(planned), engine.last_step.seconds))
 
     run([[100 + i] * 40 for i in range(4)], 4, lambda r: False)  # warm-up
     for context in DECODE_CONTEXTS:
@@ -192,11 +196,10 @@ def calibrate(model: str | None = None, output: str | None = None,
     if threads:
         torch.set_num_threads(threads)
     arch = load_arch(resolve_model_path(model))
-    log("calibrating: GEMM rates")
-    rates = measure_gemm(arch)
+    log("calibrating: GEMM rates and weight streaming")
+    rates, bandwidth = measure_gemm(arch)
     peak = max(rates.values())
-    log("calibrating: memory bandwidth, attention")
-    bandwidth = measure_copy_bandwidth()
+    log("calibrating: attention")
     micro_per_key, micro_per_call = measure_attention(arch)
     kv_token_bytes = 2 * arch.num_kv_heads * arch.head_dim * 4
     profile = DeviceProfile(

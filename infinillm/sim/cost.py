@@ -123,8 +123,10 @@ class CostModel:
         if not work.calls:
             return 0.0
         p = self.profile
-        per_layer = max(work.kv_bytes / p.attention_bandwidth,
-                        work.flops / (p.peak_flops * p.gemm_share(work.max_rows))) / self.tp
+        # Decode attention is bound by the K/V bytes it reads; FLOPs count for prefill chunks,
+        # at the GEMM share of their row count.
+        rate = p.peak_flops * (p.gemm_share(work.max_rows) if work.max_rows > 1 else 1.0)
+        per_layer = max(work.kv_bytes / p.attention_bandwidth, work.flops / rate) / self.tp
         return self.arch.num_layers * (per_layer + work.calls * p.attention_call_s)
 
     def allreduce_seconds(self, num_tokens: int) -> float:
