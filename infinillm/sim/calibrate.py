@@ -191,7 +191,7 @@ def calibrate(model: str | None = None, output: str | None = None,
               threads: int | None = None, log=print) -> Path:
     from infinillm.model import load_arch
     from infinillm.model.resolve import resolve_model_path
-    from infinillm.sim.cost import CostModel
+    from infinillm.sim.cost import CostModel, StepCost
 
     if threads:
         torch.set_num_threads(threads)
@@ -206,7 +206,8 @@ def calibrate(model: str | None = None, output: str | None = None,
         name=CPU_PROFILE_NAME, memory_bytes=0, peak_flops=peak, memory_bandwidth=bandwidth,
         gemm_efficiency=tuple((m, r / peak) for m, r in sorted(rates.items())),
         memory_efficiency=1.0, attention_bandwidth=kv_token_bytes / micro_per_key,
-        attention_call_s=0.0, gpus_per_node=1 << 20, intra_node_bandwidth=bandwidth,
+        attention_call_s=micro_per_call, padded_decode=True, gpus_per_node=1 << 20,
+        intra_node_bandwidth=bandwidth,
         intra_node_latency_s=0.0, inter_node_bandwidth=bandwidth, inter_node_latency_s=0.0,
         step_overhead_s=0.0, seq_overhead_s=0.0, layer_overhead_s=0.0,
         gpu_memory_utilization=1.0, activation_reserve_bytes=0)
@@ -214,11 +215,11 @@ def calibrate(model: str | None = None, output: str | None = None,
     samples = _engine_steps(model, log)
     # Fit on real steps what they cost beyond the modelled GEMMs and attention FLOPs: per step,
     # per request, per token and per key read (K/V bytes, so no bandwidth term while fitting).
-    fitting = dataclasses.replace(profile, attention_bandwidth=float("inf"), attention_call_s=0.0)
+    fitting = dataclasses.replace(profile, attention_bandwidth=float("inf"))
     cost = CostModel(arch, 4, 16, fitting)
     rows, ys = [], []
     for chunks, seconds in samples:
-        keys = sum(c.start_pos + len(c.token_ids) for c in chunks)
+        keys = cost.attention_work(InstanceId(0), chunks, StepCost()).kv_bytes / kv_token_bytes
         tokens = sum(len(c.token_ids) for c in chunks)
         rows.append([1.0, float(len(chunks)), float(tokens), float(keys)])
         ys.append(seconds - cost.step(InstanceId(0), chunks).seconds)

@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from infinillm.model import ModelArch
-from infinillm.runtime.traffic import tokens_by_holder
+from infinillm.runtime.traffic import order_chunks, tokens_by_holder
 from infinillm.sim.devices import DeviceProfile
 from infinillm.types import BlockMove, InstanceId, ScheduledChunk
 
@@ -172,6 +172,24 @@ class CostModel:
                                    + rows * self.partial_bytes
                                    + written.get(holder, 0) * self.kv_token_bytes)
 
+    def attention_work(self, me: InstanceId, chunks: list[ScheduledChunk],
+                       cost: StepCost) -> AttentionWork:
+        """The owner's own attention work of a step (per layer); holders' work and the traffic
+        to them go into `cost`. With a `padded_decode` profile (this engine's CPU path), the
+        short all-local decodes run as one call padded to the longest of them
+        (runtime/traffic.py `order_chunks` picks them), the rest one call each."""
+        own = AttentionWork()
+        if self.profile.padded_decode:
+            ordered, num_padded = order_chunks(me, chunks)
+            if num_padded:
+                longest = max(c.start_pos + 1 for c in ordered[:num_padded])
+                own.kv_bytes += num_padded * longest * self.kv_token_bytes
+                own.calls += 1
+            chunks = ordered[num_padded:]
+        for c in chunks:
+            self.chunk_work(me, c, own, cost.remote, cost.traffic)
+        return own
+
     def step(self, me: InstanceId, chunks: list[ScheduledChunk]) -> StepCost:
         """The owner's side of a step; the holders' work is in `StepCost.remote` (add it to
         their steps with `attention_seconds`)."""
@@ -181,10 +199,8 @@ class CostModel:
         p = self.profile
         num_tokens = sum(len(c.token_ids) for c in chunks)
         num_sampled = sum(1 for c in chunks if c.sample)
-        own = AttentionWork()
+        own = self.attention_work(me, chunks, cost)
         traffic = cost.traffic
-        for c in chunks:
-            self.chunk_work(me, c, own, cost.remote, traffic)
         cost.linear = self.linear_seconds(num_tokens, num_sampled)
         cost.attention = self.attention_seconds(own)
         cost.allreduce = self.allreduce_seconds(num_tokens)

@@ -44,6 +44,9 @@ class DeviceProfile:
     seq_overhead_s: float  # host time per request in a step
     layer_overhead_s: float  # per layer per step (kernel launches, interpreter)
     token_overhead_s: float = 0.0  # host time per token in a step (beyond the modelled work)
+    # This engine's CPU attention path: short all-local decodes share one call padded to the
+    # longest context (runtime/traffic.py); GPU kernels read each request's own blocks.
+    padded_decode: bool = False
     gpu_memory_utilization: float = 0.9  # share of memory the engine may use (vLLM's default)
     activation_reserve_bytes: int = 2 * GiB  # kept out of the KV pool for activations
     sources: dict[str, str] = field(default_factory=dict)
@@ -80,6 +83,8 @@ class DeviceProfile:
         profile = cls(**data)
         for f in dataclasses.fields(cls):
             value = getattr(profile, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{origin}: {f.name} must be true or false, got {value!r}")
             if f.type in ("float", "int") and not (isinstance(value, (int, float))
                                                    and value >= 0):
                 raise ValueError(f"{origin}: {f.name} must be a number >= 0, got {value!r}")
