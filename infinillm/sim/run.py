@@ -7,7 +7,12 @@
 Policies (the paper's systems, same devices each):
 - `lending`: `instances` instances, one device each, pooling KV (borrowing, DistAttention,
   recall);
-- `multi`: the same instances, each keeping its KV to itself ("vLLM-multi");
+- `multi`: the same instances, each keeping its KV to itself ("vLLM-multi"). As in the paper's
+  baseline, they are independent servers (`independent=True`): one engine each, on its own
+  clock, a new request routed by the engine's own rule (`intake.route`) to the one with the
+  most free blocks net of its queue. With `independent=False` they are one engine with lending
+  off, whose instances step together (the cluster step is synchronous, as in this engine, so
+  a long prefill on one instance holds up the decodes of all): what `LLM(lending=False)` runs;
 - `single`: one instance over all the devices, tensor parallel ("vLLM-single"): its pool is
   all their memory after one copy of the weights, its steps pay the all-reduces.
 
@@ -30,6 +35,7 @@ include the ramp up from an empty cluster at the start).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -61,6 +67,7 @@ class SimSetup:
     max_num_batched_tokens: int = 2048
     kv_blocks_per_instance: int | None = None  # None: what the device's memory holds
     concurrent: bool = True  # False: every instance on one device, one after another
+    independent: bool = True  # multi only: separate engines (True) or one lockstep engine
     profile: DeviceProfile | None = None  # overrides `device` (e.g. a calibrated profile)
     extra: dict = field(default_factory=dict)  # more engine settings (LLM keywords)
 
@@ -251,21 +258,88 @@ def simulate(setup: SimSetup, trace: Sequence[TraceRequest], *,
     """Build the engine for `setup`, serve `trace`, and summarize (with the engine's counters:
     preemptions, block moves, remote traffic, and the pools' state at the end)."""
     started = time.perf_counter()
-    engine = build_sim_engine(setup)
-    records = run_trace(engine, trace, progress=progress, check_integrity=check_integrity)
-    stats = engine.cluster_stats()
-    leaked = [i for i in stats["instances"] if i["free_blocks"] != i["total_blocks"]]
+    if independent_instances(setup):
+        engines = [build_sim_engine(dataclasses.replace(setup, instances=1))
+                   for _ in range(setup.instances)]
+        records = run_independent(engines, trace, progress=progress,
+                                  check_integrity=check_integrity)
+    else:
+        engines = [build_sim_engine(setup)]
+        records = run_trace(engines[0], trace, progress=progress,
+                            check_integrity=check_integrity)
+    stats = [e.cluster_stats() for e in engines]
+    leaked = [i for st in stats for i in st["instances"] if i["free_blocks"] != i["total_blocks"]]
     if leaked:
         raise RuntimeError(f"pools not whole after the run: {leaked}")
     out = {"policy": setup.policy, "instances": setup.instances, "model": setup.model,
            "device": setup.profile.name if setup.profile else setup.device}
     out.update(summarize(records, slo))
-    out.update(preemptions=stats["preemptions"], block_moves=stats["migrations"],
-               remote_attention_calls=stats["remote_attention_calls"],
-               remote_bytes=stats["remote_bytes"], steps=engine.num_steps,
-               kv_blocks_per_instance=engine.num_blocks_per_instance,
+    out.update(preemptions=sum(st["preemptions"] for st in stats),
+               block_moves=sum(st["migrations"] for st in stats),
+               remote_attention_calls=sum(st["remote_attention_calls"] for st in stats),
+               remote_bytes=sum(st["remote_bytes"] for st in stats),
+               steps=sum(e.num_steps for e in engines),
+               kv_blocks_per_instance=engines[0].num_blocks_per_instance,
                wall_s=time.perf_counter() - started)
     return out
+
+
+def independent_instances(setup: SimSetup) -> bool:
+    """`multi` as separate servers: several instances, on devices of their own."""
+    return (setup.policy == "multi" and setup.independent and setup.concurrent
+            and setup.instances > 1)
+
+
+def run_independent(engines: Sequence[ClusterEngine], trace: Sequence[TraceRequest], *,
+                    check_integrity: bool = False, progress: bool = False) -> list[Record]:
+    """Serve `trace` on separate one-instance engines, each on its own virtual clock (a
+    discrete-event loop): the next event is the earliest of the next arrival and the next step
+    of a busy engine. An arrival goes to the engine the router picks (`intake.route` over their
+    instances) and joins at that engine's next step; an idle engine first waits for it."""
+    from infinillm.engine.intake import route
+
+    records = [Record(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace]
+    by_id: dict[tuple[int, str], Record] = {}
+    token = engines[0].arch.vocab_size - 1
+    by_instance = {id(e.instances[0]): e for e in engines}
+    bar = _progress(len(trace), progress)
+    next_i = 0
+    while True:
+        busy = [e for e in engines if e.has_unfinished_requests()]
+        stepper = min(busy, key=lambda e: e.clock.now(), default=None)
+        if next_i < len(records) and (stepper is None
+                                      or records[next_i].arrival_s <= stepper.clock.now()):
+            rec = records[next_i]
+            next_i += 1
+            engine = by_instance[id(route([e.instances[0] for e in engines]))]
+            if not engine.has_unfinished_requests() and engine.clock.now() < rec.arrival_s:
+                engine.clock.sleep(rec.arrival_s - engine.clock.now())
+            params = SamplingParams(max_tokens=rec.output_tokens, temperature=0.0,
+                                    ignore_eos=True)
+            try:
+                rid = engine.add_request([token] * rec.prompt_tokens, params)
+                by_id[id(engine), rid] = rec
+            except ValueError:
+                rec.refused = True
+                bar.update(1)
+            continue
+        if stepper is None:
+            break
+        outputs = stepper.step()
+        now = stepper.clock.now()
+        for out in outputs:
+            rec = by_id.pop((id(stepper), out.request_id)) if out.finished else by_id[
+                id(stepper), out.request_id]
+            if rec.first_token_s is None:
+                rec.first_token_s = now
+            if out.finished:
+                rec.end_s = now
+                rec.num_tokens = len(out.outputs[0].token_ids)
+                bar.update(1)
+        if check_integrity:
+            stepper.check_integrity()
+    bar.close()
+    return records
 
 
 def longest_context(setup: SimSetup, serve: bool = True) -> dict:
