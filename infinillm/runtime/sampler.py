@@ -34,7 +34,11 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass strictly above each token
-        sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
+        drop = before >= p.top_p
+        # The most likely token always stays: a top_p below float32's smallest positive value
+        # (1e-200 is valid input) rounds to 0 and would otherwise drop every token.
+        drop[0] = False
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     generator = None
     if p.seed is not None:

@@ -203,14 +203,15 @@ def calibrate(model: str | None = None, output: str | None = None,
     micro_per_key, micro_per_call = measure_attention(arch)
     kv_token_bytes = 2 * arch.num_kv_heads * arch.head_dim * 4
     profile = DeviceProfile(
-        name=CPU_PROFILE_NAME, memory_bytes=0, peak_flops=peak, memory_bandwidth=bandwidth,
+        name=CPU_PROFILE_NAME, memory_bytes=_ram_bytes(), peak_flops=peak,
+        memory_bandwidth=bandwidth,
         gemm_efficiency=tuple((m, r / peak) for m, r in sorted(rates.items())),
         memory_efficiency=1.0, attention_bandwidth=kv_token_bytes / micro_per_key,
         attention_call_s=micro_per_call, padded_decode=True, gpus_per_node=1 << 20,
         intra_node_bandwidth=bandwidth,
         intra_node_latency_s=0.0, inter_node_bandwidth=bandwidth, inter_node_latency_s=0.0,
         step_overhead_s=0.0, seq_overhead_s=0.0, layer_overhead_s=0.0,
-        gpu_memory_utilization=1.0, activation_reserve_bytes=0)
+        activation_reserve_bytes=0)
     log("calibrating: engine steps (host overheads, attention per key)")
     samples = _engine_steps(model, log)
     # Fit on real steps what they cost beyond the modelled GEMMs and attention FLOPs: per step,
@@ -244,6 +245,12 @@ def calibrate(model: str | None = None, output: str | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profile.to_json())
     return path
+
+
+def _ram_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _machine() -> str:

@@ -48,6 +48,12 @@ def add_simulate_parser(sub) -> None:
                    help=f"goodput's TTFT target in seconds (default: {SLO_TTFT_S})")
     p.add_argument("--slo-tpot", type=float, default=SLO_TPOT_S,
                    help=f"goodput's TPOT target in seconds (default: {SLO_TPOT_S})")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="weights and KV precision: bfloat16, float16 or float32 "
+                        "(default: bfloat16)")
+    p.add_argument("--kv-blocks-per-instance", type=int, default=None,
+                   help="KV blocks per instance (default: what the device's memory holds "
+                        "after the weights)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -75,9 +81,11 @@ def add_calibrate_parser(sub) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     from infinillm.sim.devices import load_profile, profile_names
     from infinillm.sim.models import sim_model_folder
-    from infinillm.sim.run import POLICIES, SimSetup, longest_context, simulate
+    from infinillm.sim.run import DTYPE_BYTES, POLICIES, SimSetup, longest_context, simulate
     from infinillm.sim.traces import resolve_trace
 
+    if args.dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {args.dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
     if args.policy not in POLICIES:
         raise ValueError(f"unknown policy {args.policy!r}; valid: {', '.join(POLICIES)}")
     sim_model_folder(args.model)  # a bad model name fails before anything runs
@@ -93,7 +101,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     rate = args.rate if args.rate is not None or is_file else 4.0
     trace = resolve_trace(args.trace, num, rate, args.seed, None)
     setup = SimSetup(model=args.model, device=args.device, instances=args.instances,
-                     policy=args.policy, block_size=args.block_size,
+                     policy=args.policy, dtype=args.dtype, block_size=args.block_size,
+                     kv_blocks_per_instance=args.kv_blocks_per_instance,
                      max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens, profile=profile)
     result = {"trace": args.trace, "rate": rate, "seed": args.seed}

@@ -50,3 +50,11 @@ def test_seed_makes_samples_reproducible_and_batch_independent():
                for k in range(20)]
     assert alone == batched
     assert len(set(alone)) > 1  # it does sample, not argmax
+
+
+def test_a_top_p_below_float32_range_keeps_the_most_likely_token():
+    # 1e-200 is a valid top_p (in (0, 1]) that rounds to 0 in float32: it must keep the top
+    # token, not drop every token and fail the whole batch
+    for top_p in (1e-200, 5e-324, 1e-45):
+        params = SamplingParams(temperature=1.0, top_p=top_p, seed=3)
+        assert sample(LOGITS[None], [params], [0]) == [int(LOGITS.argmax())]
