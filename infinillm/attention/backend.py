@@ -19,7 +19,7 @@ What a worker runs per layer, and the operation for each:
     prefix stored here, merged with other holders' partials    chunk_attention
     a holder's part of another owner's request (fabric)        blocks_attention
 
-A backend implements two kernels, `_micro_attention` and `padded_decode_attention`;
+A backend implements two kernels, `_micro_attention` and `_padded_decode_attention`;
 `blocks_attention` and `chunk_attention` are built from micro-attentions over pieces of the block
 cache (attention/blocks.py) and the exact merge, and a backend with a kernel that reads block
 tables itself overrides them. Each worker holds its own backend object (see registry.py), and
@@ -80,7 +80,6 @@ class AttentionBackend(ABC):
                          scale: float, causal: bool) -> Partial:
         """The kernel behind `micro_attention`, same shapes; Lk > 0, and Lq == Lk if causal."""
 
-    @abstractmethod
     def padded_decode_attention(
         self,
         query: torch.Tensor,
@@ -95,9 +94,25 @@ class AttentionBackend(ABC):
 
         query [B, Hq, D]; caches [Hkv, num_blocks, block_size, D]; slot_table [B, Lmax] int64
         flat slots (block_id * block_size + offset; padding points at any valid slot); mask
-        [B, 1, 1, Lmax] float32 additive (0 for keys, -inf for padding; every row has at least
-        one key). Returns (out [B, Hq, D] query's dtype, lse [B, Hq] float32).
+        [B, 1, 1, Lmax] float32 additive (0 for keys, -inf for padding). Returns (out [B, Hq, D]
+        query's dtype, lse [B, Hq] float32). A row whose keys are all masked saw nothing: out 0
+        and lse -inf, whatever the kernel made of it (kernels differ: ATen's CPU flash kernel
+        reports lse 0 there), so that a merge leaves it out.
         """
+        out, lse = self._padded_decode_attention(query, key_cache, value_cache, slot_table,
+                                                 mask, scale=scale)
+        empty = torch.isneginf(mask).all(dim=-1).reshape(-1)  # [B]
+        if bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None], 0.0)
+            lse = lse.masked_fill(empty[:, None], -math.inf)
+        return out, lse
+
+    @abstractmethod
+    def _padded_decode_attention(self, query: torch.Tensor, key_cache: torch.Tensor,
+                                 value_cache: torch.Tensor, slot_table: torch.Tensor,
+                                 mask: torch.Tensor, *, scale: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel behind `padded_decode_attention`, same shapes."""
 
     def blocks_attention(
         self,

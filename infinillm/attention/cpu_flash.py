@@ -26,8 +26,8 @@ class CpuFlashBackend(AttentionBackend):
         )[:2]
         return out[0].permute(1, 0, 2), lse[0]
 
-    def padded_decode_attention(self, query, key_cache, value_cache, slot_table, mask, *,
-                                scale):
+    def _padded_decode_attention(self, query, key_cache, value_cache, slot_table, mask, *,
+                                 scale):
         keys, values = gather_slots(key_cache, value_cache, slot_table)  # [B, Hkv, Lmax, D]
         out, lse = _flash(
             query.unsqueeze(2), keys, values,

@@ -24,7 +24,8 @@ def merge(
 
     outs: n tensors [..., Lq, Hq, D]; lses: n tensors [..., Hq, Lq] float32 (-inf = saw nothing).
     Returns (out, lse) of the same shapes; accumulation is float32, out has the inputs' dtype.
-    A query that saw no key in any partial gets out 0 and lse -inf.
+    A query that saw no key in any partial gets out 0 and lse -inf. A partial with lse -inf
+    contributes nothing, whatever its out holds (inf, NaN).
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"merge needs matching, non-empty partials, got {len(outs)}/{len(lses)}")
@@ -39,5 +40,9 @@ def merge(
     norm = torch.where(total > 0, total, torch.ones_like(total))
     # weights [n, ..., Hq, Lq] -> [n, ..., Lq, Hq, 1] to scale outs
     w = (weights / norm).transpose(-1, -2).unsqueeze(-1)
-    out = (torch.stack(outs).float() * w).sum(dim=0)
+    # Select, do not multiply: a partial that saw nothing (weight 0) contributes nothing even
+    # when its out holds inf or NaN (0 * inf is NaN).
+    parts = torch.stack(outs).float()
+    parts = torch.where(w > 0, parts * w, torch.zeros((), dtype=parts.dtype, device=parts.device))
+    out = parts.sum(dim=0)
     return out.to(outs[0].dtype), merged_lse

@@ -33,15 +33,16 @@ class TorchBackend(AttentionBackend):
         out = torch.matmul(probs, vf).permute(1, 0, 2)
         return out.to(query.dtype), lse
 
-    def padded_decode_attention(self, query, key_cache, value_cache, slot_table, mask, *,
-                                scale):
+    def _padded_decode_attention(self, query, key_cache, value_cache, slot_table, mask, *,
+                                 scale):
         b, hq, d = query.shape
         keys, values = gather_slots(key_cache, value_cache, slot_table)  # [B, Hkv, Lmax, D]
         hkv = keys.shape[1]
         # The query heads of one KV head side by side: [B, Hkv, group, D] against its keys.
         qf = query.float().view(b, hkv, hq // hkv, d)
         scores = torch.matmul(qf, keys.float().transpose(-1, -2)) * scale + mask.float()
-        lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, group], finite: every row has a key
-        probs = torch.exp(scores - lse.unsqueeze(-1))
+        lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, group]; -inf for a row of no key
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        probs = torch.exp(scores - safe.unsqueeze(-1))
         out = torch.matmul(probs, values.float())  # [B, Hkv, group, D]
         return out.view(b, hq, d).to(query.dtype), lse.view(b, hq)

@@ -111,6 +111,46 @@ def test_partial_that_saw_nothing_contributes_nothing(attention):
     assert (nothing == 0).all() and torch.isneginf(nothing_lse).all()
 
 
+@pytest.mark.parametrize("poison", [math.inf, -math.inf, math.nan])
+def test_a_partial_with_lse_minus_inf_is_left_out_whatever_its_out_holds(poison):
+    """Select, do not multiply: 0 * inf and 0 * NaN are NaN, and must not reach the output."""
+    gen = torch.Generator().manual_seed(2)
+    outs = [torch.randn(3, 4, 8, generator=gen) for _ in range(3)]
+    lses = [torch.randn(4, 3, generator=gen) for _ in range(3)]
+    lses[1] = lses[1].clone()
+    lses[1][:, 1] = -math.inf  # partial 1 saw nothing for query 1 ...
+    outs[1] = outs[1].clone()
+    outs[1][1] = poison  # ... and its out there is poison
+    out, lse = merge(outs, lses)
+    # float64 reference, summing only the partials that saw something
+    for i in range(3):
+        seen = [j for j in range(3) if not (j == 1 and i == 1)]
+        ref_lse = torch.logsumexp(torch.stack([lses[j][:, i].double() for j in seen]), dim=0)
+        ref = sum(torch.exp(lses[j][:, i].double() - ref_lse)[:, None] * outs[j][i].double()
+                  for j in seen)
+        torch.testing.assert_close(out[i].double(), ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lse[:, i].double(), ref_lse, atol=1e-6, rtol=1e-5)
+
+
+def test_a_padded_decode_row_without_keys_reports_lse_minus_inf(attention):
+    """At the backend boundary a row whose keys are all masked saw nothing: out 0, lse -inf
+    (ATen's CPU flash kernel itself reports lse 0 for it), so a merge leaves it out."""
+    gen, kc, vc = block_cache(5, 4, hkv=2, num_blocks=8)
+    slot_table, mask = padded_tables([5, 3], [[0, 1], [2]], 4)
+    mask[1] = -math.inf  # row 1: every key masked
+    q = torch.randn(2, 4, 64, generator=gen)
+    out, lse = attention.padded_decode_attention(q, kc, vc, slot_table, mask, scale=1 / 8)
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+    assert torch.isfinite(lse[0]).all()
+    ref_out, ref_lse = reference(q[:1], *sequence_kv(kc, vc, [0, 1], 5), 4)
+    assert_matches(out[:1], lse[0], ref_out, ref_lse[:, 0])
+    # as one query's partial ([Lq=1, Hq, D], lse [Hq, 1]) beside a holder's that saw keys
+    seen_out, seen_lse = torch.ones_like(out[1:]), torch.zeros_like(lse[1:].T)
+    merged, merged_lse = merge([out[1:], seen_out], [lse[1:].T, seen_lse])
+    torch.testing.assert_close(merged, seen_out)
+    torch.testing.assert_close(merged_lse, seen_lse)
+
+
 def test_slot_runs_exact():
     # positions 3..11 of a table [5, 6, 9] with blocks of 4: slot 23, 24-27 (block 6), 36-39
     assert slot_runs([5, 6, 9], 4, 3, 12) == [(23, 5), (36, 4)]
