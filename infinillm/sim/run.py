@@ -166,21 +166,25 @@ def run_trace(engine: ClusterEngine, trace: Sequence[TraceRequest], *,
                 clock.sleep(records[next_i].arrival_s - now)
             continue
         outputs = engine.step()
-        now = clock.now() - start
-        for out in outputs:
-            rec = by_id[out.request_id]
-            if rec.first_token_s is None:
-                rec.first_token_s = now
-            if out.finished:
-                rec.end_s = now
-                rec.num_tokens = len(out.outputs[0].token_ids)
-                bar.update(1)
+        _note(outputs, lambda rid: by_id[rid], clock.now() - start, bar)
         if check_integrity:
             engine.check_integrity()
         if on_step is not None:
             on_step(engine)
     bar.close()
     return records
+
+
+def _note(outputs, record_of: Callable[[str], Record], now: float, bar) -> None:
+    """Stamp one step's outputs on their records: the first token, and the end."""
+    for out in outputs:
+        rec = record_of(out.request_id)
+        if rec.first_token_s is None:
+            rec.first_token_s = now
+        if out.finished:
+            rec.end_s = now
+            rec.num_tokens = len(out.outputs[0].token_ids)
+            bar.update(1)
 
 
 def _progress(total: int, enabled: bool):
@@ -326,16 +330,7 @@ def run_independent(engines: Sequence[ClusterEngine], trace: Sequence[TraceReque
         if stepper is None:
             break
         outputs = stepper.step()
-        now = stepper.clock.now()
-        for out in outputs:
-            rec = by_id.pop((id(stepper), out.request_id)) if out.finished else by_id[
-                id(stepper), out.request_id]
-            if rec.first_token_s is None:
-                rec.first_token_s = now
-            if out.finished:
-                rec.end_s = now
-                rec.num_tokens = len(out.outputs[0].token_ids)
-                bar.update(1)
+        _note(outputs, lambda rid, e=stepper: by_id[id(e), rid], stepper.clock.now(), bar)
         if check_integrity:
             stepper.check_integrity()
     bar.close()
