@@ -111,8 +111,7 @@ def num_blocks_per_instance(config: Config, arch: ModelArch, dtype: torch.dtype)
         from infinillm.sim.cost import CostModel
         from infinillm.sim.devices import load_profile
 
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return CostModel(arch, itemsize, cache.block_size,
+        return CostModel(arch, dtype.itemsize, cache.block_size,
                          load_profile(config.runtime.sim_device)).kv_blocks()
     per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.block_size,
                             dtype)

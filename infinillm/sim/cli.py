@@ -79,13 +79,14 @@ def add_calibrate_parser(sub) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from infinillm.engine.builder import TORCH_DTYPES
     from infinillm.sim.devices import load_profile, profile_names
     from infinillm.sim.models import sim_model_folder
-    from infinillm.sim.run import DTYPE_BYTES, POLICIES, SimSetup, longest_context, simulate
+    from infinillm.sim.run import POLICIES, SimSetup, longest_context, simulate
     from infinillm.sim.traces import resolve_trace
 
-    if args.dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {args.dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
+    if args.dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown dtype {args.dtype!r}; valid: {', '.join(TORCH_DTYPES)}")
     if args.policy not in POLICIES:
         raise ValueError(f"unknown policy {args.policy!r}; valid: {', '.join(POLICIES)}")
     sim_model_folder(args.model)  # a bad model name fails before anything runs

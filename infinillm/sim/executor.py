@@ -13,8 +13,6 @@ instances' seconds): the setting the simulator is validated in against the real 
 
 from __future__ import annotations
 
-import torch
-
 from infinillm.runtime.executor import Executor, InstanceSpec, StepResult
 from infinillm.runtime.fabric import FabricStats
 from infinillm.sim.cost import CostModel, StepCost
@@ -28,10 +26,9 @@ class SimExecutor(Executor):
                  concurrent: bool = True) -> None:
         if profile is None:
             profile = load_profile(config.runtime.sim_device)
-        dtype_bytes = torch.empty((), dtype=spec.dtype).element_size()
-        self.cost = CostModel(spec.arch, dtype_bytes, spec.block_size, profile, tensor_parallel)
+        self.cost = CostModel(spec.arch, spec.dtype.itemsize, spec.block_size, profile,
+                              tensor_parallel)
         self.concurrent_instances = concurrent
-        self.instance_ids = set(instance_ids)
         self.token_id = spec.arch.vocab_size - 1
         self.stats = FabricStats()
         self.last_costs: dict[InstanceId, StepCost] = {}  # the last step's, by part
@@ -72,6 +69,3 @@ class SimExecutor(Executor):
 
     def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
         return self.stats
-
-    def remove_instance(self, instance: InstanceId) -> None:
-        self.instance_ids.discard(instance)

@@ -1,8 +1,7 @@
 """Run a trace on a simulated cluster: the engine of `infinillm simulate`.
 
-    engine = build_sim_engine(SimSetup(model="llama2-13b", device="a100-80gb", instances=32,
-                                       policy="lending"))
-    result = simulate(engine, make_trace("mixed", 1000, rate=8.0, seed=0))
+    setup = SimSetup(model="llama2-13b", device="a100-80gb", instances=32, policy="lending")
+    result = simulate(setup, make_trace("mixed", 1000, rate=8.0, seed=0), slo=(10.0, 0.2))
 
 Policies (the paper's systems, same devices each):
 - `lending`: `instances` instances, one device each, pooling KV (borrowing, DistAttention,
@@ -36,7 +35,6 @@ include the ramp up from an empty cluster at the start).
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,15 +42,15 @@ from dataclasses import dataclass, field
 
 from infinillm.config import Config
 from infinillm.engine import ClusterEngine, VirtualClock
+from infinillm.engine.builder import TORCH_DTYPES
 from infinillm.sim.cost import CostModel
 from infinillm.sim.devices import DeviceProfile, load_profile
 from infinillm.sim.executor import SimExecutor
 from infinillm.sim.models import sim_model_folder
-from infinillm.sim.traces import TraceRequest
+from infinillm.sim.traces import TraceRequest, percentile
 from infinillm.types import SamplingParams
 
 POLICIES = ("lending", "multi", "single")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +86,8 @@ def build_sim_engine(setup: SimSetup) -> ClusterEngine:
     if blocks is None:
         from infinillm.model import load_arch
 
-        cost = CostModel(load_arch(folder), DTYPE_BYTES[setup.dtype], setup.block_size,
-                         profile, tp)
+        cost = CostModel(load_arch(folder), TORCH_DTYPES[setup.dtype].itemsize,
+                         setup.block_size, profile, tp)
         blocks = cost.kv_blocks()
     elif single:
         blocks *= setup.instances
@@ -145,7 +143,6 @@ def run_trace(engine: ClusterEngine, trace: Sequence[TraceRequest], *,
         raise ValueError("run_trace needs an engine on a VirtualClock")
     records = [Record(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace]
     by_id: dict[str, Record] = {}
-    token = engine.arch.vocab_size - 1
     bar = _progress(len(trace), progress)
     start = clock.now()
     next_i = 0
@@ -154,13 +151,9 @@ def run_trace(engine: ClusterEngine, trace: Sequence[TraceRequest], *,
         while next_i < len(records) and records[next_i].arrival_s <= now:
             rec = records[next_i]
             next_i += 1
-            params = SamplingParams(max_tokens=rec.output_tokens, temperature=0.0,
-                                    ignore_eos=True)
-            try:
-                by_id[engine.add_request([token] * rec.prompt_tokens, params)] = rec
-            except ValueError:
-                rec.refused = True
-                bar.update(1)
+            rid = _admit(engine, rec, bar)
+            if rid is not None:
+                by_id[rid] = rec
         if not engine.has_unfinished_requests():
             if next_i < len(records):
                 clock.sleep(records[next_i].arrival_s - now)
@@ -173,6 +166,18 @@ def run_trace(engine: ClusterEngine, trace: Sequence[TraceRequest], *,
             on_step(engine)
     bar.close()
     return records
+
+
+def _admit(engine: ClusterEngine, rec: Record, bar) -> str | None:
+    """Add a trace request (greedy, `ignore_eos`, its output length as `max_tokens`); None, and
+    the record marked refused, when the engine refuses it at admission."""
+    params = SamplingParams(max_tokens=rec.output_tokens, temperature=0.0, ignore_eos=True)
+    try:
+        return engine.add_request([engine.arch.vocab_size - 1] * rec.prompt_tokens, params)
+    except ValueError:
+        rec.refused = True
+        bar.update(1)
+        return None
 
 
 def _note(outputs, record_of: Callable[[str], Record], now: float, bar) -> None:
@@ -192,15 +197,6 @@ def _progress(total: int, enabled: bool):
 
     return tqdm(total=total, unit="req", desc="simulating", disable=not enabled,
                 file=sys.stderr, dynamic_ncols=True)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest rank: the smallest value with at least q % of the values at or below it."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    rank = math.ceil(q * len(ordered) / 100)
-    return ordered[min(len(ordered) - 1, max(0, rank - 1))]
 
 
 def summarize(records: Sequence[Record], slo: tuple[float, float] | None = None) -> dict:
@@ -304,7 +300,6 @@ def run_independent(engines: Sequence[ClusterEngine], trace: Sequence[TraceReque
 
     records = [Record(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace]
     by_id: dict[tuple[int, str], Record] = {}
-    token = engines[0].arch.vocab_size - 1
     by_instance = {id(e.instances[0]): e for e in engines}
     bar = _progress(len(trace), progress)
     next_i = 0
@@ -318,14 +313,9 @@ def run_independent(engines: Sequence[ClusterEngine], trace: Sequence[TraceReque
             engine = by_instance[id(route([e.instances[0] for e in engines]))]
             if not engine.has_unfinished_requests() and engine.clock.now() < rec.arrival_s:
                 engine.clock.sleep(rec.arrival_s - engine.clock.now())
-            params = SamplingParams(max_tokens=rec.output_tokens, temperature=0.0,
-                                    ignore_eos=True)
-            try:
-                rid = engine.add_request([token] * rec.prompt_tokens, params)
+            rid = _admit(engine, rec, bar)
+            if rid is not None:
                 by_id[id(engine), rid] = rec
-            except ValueError:
-                rec.refused = True
-                bar.update(1)
             continue
         if stepper is None:
             break

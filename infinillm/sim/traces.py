@@ -270,15 +270,18 @@ def describe(requests: Sequence[TraceRequest]) -> dict:
     for key in _KEYS[1:]:
         values = sorted(getattr(r, key) for r in requests)
         stats[f"{key}_mean"] = sum(values) / len(values) if values else None
-        stats[f"{key}_p50"] = _nearest_rank(values, 50)
-        stats[f"{key}_p99"] = _nearest_rank(values, 99)
+        stats[f"{key}_p50"] = percentile(values, 50)
+        stats[f"{key}_p99"] = percentile(values, 99)
         stats[f"{key}_max"] = values[-1] if values else None
     stats["total_tokens"] = sum(r.prompt_tokens + r.output_tokens for r in requests)
     stats["duration_s"] = requests[-1].arrival_s - requests[0].arrival_s if requests else None
     return stats
 
 
-def _nearest_rank(ordered: Sequence[int], q: int) -> int | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest rank (module docstring): the smallest value with at least q % of the values at or
+    below it; None for no values."""
+    ordered = sorted(values)
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered) / 100) - 1))]
