@@ -208,6 +208,11 @@ class ClusterConfig:
     lending: bool = setting(
         True, "an instance that runs out of rBlocks borrows from the others; without it, every "
               "request's KV stays on its own instance (the baseline)")
+    placement: str = setting(
+        "reactive", "where KV lives: reactive (borrow when a request runs out, recall home "
+                    "when the owner has room) or proactive (admission local first; KV of long "
+                    "requests moved off instances whose queue cannot start, by a fitted "
+                    "step-time model)", choices=("reactive", "proactive"))
     max_lent_fraction: float = setting(
         0.9, "at most this share of an instance's pool is lent to others")
     recall_blocks_per_step: int = setting(

@@ -1,8 +1,11 @@
 """Cluster control plane: per-instance RManager, the GManager's ledger, and the rebalancer that
-takes the cluster-wide decisions between steps (block moves, standstills, instance loss)."""
+takes the cluster-wide decisions between steps (block moves, standstills, instance loss), with
+proactive placement driven by each instance's fitted step-time model."""
 
 from infinillm.cluster.gmanager import GManager
 from infinillm.cluster.messages import Grant
+from infinillm.cluster.perf_model import StepFeatures, StepTimeModel
+from infinillm.cluster.placement import Placement
 from infinillm.cluster.rebalancer import (
     Demand,
     InstanceView,
@@ -17,8 +20,11 @@ __all__ = [
     "GManager",
     "Grant",
     "InstanceView",
+    "Placement",
     "RManager",
     "Rebalancer",
     "Settlement",
+    "StepFeatures",
+    "StepTimeModel",
     "choose_victim",
 ]

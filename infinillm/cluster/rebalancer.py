@@ -24,9 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from infinillm.cluster.gmanager import GManager
 from infinillm.types import BlockMove, InstanceId, Request, RequestId
+
+if TYPE_CHECKING:
+    from infinillm.cluster.placement import Placement
 
 
 def choose_victim(candidates: Sequence[Request]) -> Request:
@@ -38,10 +42,16 @@ def choose_victim(candidates: Sequence[Request]) -> Request:
 
 @dataclass(frozen=True, slots=True)
 class Demand:
-    """What one instance's queue asks of the cluster before a step (from its scheduler)."""
+    """What one instance's queue asks of the cluster before a step, and the load it runs
+    (from its scheduler)."""
 
     keep_free: int = 0  # free blocks not to lend out: the queue head needs them now
     reclaim: int = 0  # lent blocks it wants back to admit its queue head locally
+    head_blocks: int = 0  # blocks the queue head needs to start here (0: no queue)
+    head_tokens: int = 0  # the queue head's tokens (prompt and output so far)
+    num_running: int = 0  # requests in its batch
+    kv_tokens: int = 0  # their tokens: the KV its next decode step reads
+    longest: RequestId | None = None  # its running request with the most tokens
 
 
 @dataclass(slots=True)
@@ -65,10 +75,11 @@ class Settlement:
 
 class Rebalancer:
     def __init__(self, gmanager: GManager | None, max_moves_per_step: int,
-                 recall_headroom: int) -> None:
+                 recall_headroom: int, placement: Placement | None = None) -> None:
         self.gmanager = gmanager  # None without lending: nothing is ever away from home
         self.max_moves_per_step = max_moves_per_step
         self.recall_headroom = recall_headroom
+        self.placement = placement  # None: reactive (recall and reclaims)
         self.num_standstills = 0
         self.num_moves = 0
 
@@ -121,12 +132,22 @@ class Rebalancer:
         budget = self.max_moves_per_step if max_moves is None else max_moves
         gm.heartbeat_all({i: d.keep_free for i, d in demands.items()})
         moves = self._plan_swaps(budget)
-        moves += self._plan_recall(budget - len(moves),
-                                   {(m.request_id, m.index) for m in moves})
+        planned = {(m.request_id, m.index) for m in moves}
+        if self.placement is not None:
+            moves += self.placement.plan(demands, budget - len(moves), planned)
+            idle = [i for i, d in demands.items() if not d.head_blocks]
+            return moves + self._plan_recall(budget - len(moves), planned, idle)
+        moves += self._plan_recall(budget - len(moves), planned)
         moves += self._plan_reclaims(budget - len(moves),
                                      {(m.request_id, m.index) for m in moves},
                                      {i: d.reclaim for i, d in demands.items()})
         return moves
+
+    def plan_admissions(self, demands: dict[InstanceId, Demand]
+                        ) -> list[tuple[InstanceId, InstanceId]]:
+        """Under proactive placement, queue heads to start on another instance, as (from, to)
+        pairs (Placement.plan_admissions); none under reactive lending."""
+        return [] if self.placement is None else self.placement.plan_admissions(demands)
 
     def plan_migration(self, owner: InstanceId, request_id: RequestId, index: int,
                        dst: InstanceId) -> BlockMove | None:
@@ -161,11 +182,14 @@ class Rebalancer:
                 moves.append(BlockMove(rb, b, ib, on_a, on_b))
         return moves
 
-    def _plan_recall(self, budget: int, planned: set[tuple[RequestId, int]]) -> list[BlockMove]:
-        """Owners with room above the headroom bring borrowed blocks home."""
+    def _plan_recall(self, budget: int, planned: set[tuple[RequestId, int]],
+                     owners: Sequence[InstanceId] | None = None) -> list[BlockMove]:
+        """Owners (every one, or `owners`) with room above the headroom bring borrowed blocks
+        home."""
         gm = self.gmanager
         moves: list[BlockMove] = []
-        for owner, rm in gm.rmanagers.items():
+        for owner in gm.rmanagers if owners is None else owners:
+            rm = gm.rmanagers[owner]
             if budget <= 0:
                 break
             room = rm.num_free_blocks - self.recall_headroom

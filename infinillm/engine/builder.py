@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from infinillm.cluster import GManager, Rebalancer, RManager
+from infinillm.cluster import GManager, Placement, Rebalancer, RManager, StepTimeModel
 from infinillm.config import Config
 from infinillm.engine.scheduler import Scheduler
 from infinillm.kvcache import block_bytes
@@ -60,6 +60,7 @@ class EngineParts:
     rebalancer: Rebalancer
     executor: Executor
     load_seconds: float
+    perf_models: dict[InstanceId, StepTimeModel]  # each instance's step time, fitted online
 
 
 ExecutorFactory = Callable[[Config, InstanceSpec, list[InstanceId]], Executor]
@@ -89,9 +90,13 @@ def build_engine_parts(config: Config,
     max_lent = int(num_blocks * cluster.max_lent_fraction) if lending else 0
     gmanager = GManager() if lending else None
     ids = [InstanceId(i) for i in range(cluster.num_instances)]
-    instances = [_instance(config, i, num_blocks, max_lent, gmanager) for i in ids]
+    proactive = lending and cluster.placement == "proactive"
+    instances = [_instance(config, i, num_blocks, max_lent, gmanager, proactive) for i in ids]
+    perf_models = {i: StepTimeModel() for i in ids}
+    placement = (Placement(gmanager, perf_models, config.cache.block_size) if proactive
+                 else None)
     rebalancer = Rebalancer(gmanager, cluster.recall_blocks_per_step,
-                            int(num_blocks * cluster.recall_headroom_fraction))
+                            int(num_blocks * cluster.recall_headroom_fraction), placement)
     spec = InstanceSpec(path, arch, dtype, num_blocks, config.cache.block_size,
                         config.runtime.device, config.runtime.attention_backend)
     executor = (executor_factory or make_executor)(config, spec, ids)
@@ -100,7 +105,7 @@ def build_engine_parts(config: Config,
                 path, arch.architecture, arch.num_layers, seconds, cluster.num_instances,
                 num_blocks, config.cache.block_size)
     return EngineParts(path, arch, tokenizer, eos, max_model_len, num_blocks, lending, max_lent,
-                       instances, gmanager, rebalancer, executor, seconds)
+                       instances, gmanager, rebalancer, executor, seconds, perf_models)
 
 
 def num_blocks_per_instance(config: Config, arch: ModelArch, dtype: torch.dtype) -> int:
@@ -123,9 +128,10 @@ def num_blocks_per_instance(config: Config, arch: ModelArch, dtype: torch.dtype)
 
 
 def _instance(config: Config, iid: InstanceId, num_blocks: int, max_lent: int,
-              gmanager: GManager | None) -> Instance:
+              gmanager: GManager | None, local_first: bool) -> Instance:
     rmanager = RManager(iid, num_blocks, config.cache.block_size, max_lent, gmanager)
     if gmanager is not None:
         gmanager.register(rmanager)
-    scheduler = Scheduler(iid, config.scheduler, rmanager, can_wait=gmanager is not None)
+    scheduler = Scheduler(iid, config.scheduler, rmanager, can_wait=gmanager is not None,
+                          local_first=local_first)
     return Instance(iid, rmanager, scheduler)

@@ -10,6 +10,11 @@
                  an instance lost during the step (or a move) is settled at once by the
                  rebalancer, so nothing is routed to it afterwards
 
+`step()` runs every instance in one synchronous cluster step and advances the clock by it.
+`step(instances)` runs only those instances and leaves time to the caller: an event loop that
+keeps one timeline per instance (the simulator's asynchronous cluster, sim/run.py), reading each
+instance's seconds from the executor and the moves' from `last_move_seconds`.
+
 What the engine runs on is made by the builder (builder.py); new requests pass the intake
 (intake.py: validation, admission, routing); time comes from an injected clock (clock.py).
 """
@@ -17,8 +22,9 @@ What the engine runs on is made by the builder (builder.py); new requests pass t
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
-from infinillm.cluster import InstanceView, Settlement
+from infinillm.cluster import InstanceView, Settlement, StepFeatures
 from infinillm.config import Config
 from infinillm.engine.builder import EngineParts, ExecutorFactory, Instance, build_engine_parts
 from infinillm.engine.clock import Clock, WallClock
@@ -59,6 +65,7 @@ class ClusterEngine:
         self.rebalancer = parts.rebalancer
         self.executor = parts.executor
         self.load_seconds = parts.load_seconds
+        self.perf_models = parts.perf_models
         self.clock = clock if clock is not None else WallClock()
         self.intake = Intake(self.tokenizer, self.model_path, self.arch.vocab_size,
                              self.max_model_len, config.cache.block_size, self.lending,
@@ -68,7 +75,9 @@ class ClusterEngine:
         self.last_step: StepRecord | None = None
         self._by_id = {i.instance_id: i for i in self.instances}
         self._lost: list[InstanceId] = []  # found by the executor; settled at once
-        self._standstill = False  # the last step ran nothing while requests were running
+        self._standstill = False  # no instance with requests ran anything since progress
+        self._stalled: set[InstanceId] = set()  # ran nothing since some instance last ran
+        self.last_move_seconds = 0.0  # block moves before the last step (executor seconds)
         self._ended: list[Request] = []  # ended by a decision, to be emitted this step
 
     @classmethod
@@ -112,20 +121,24 @@ class ClusterEngine:
             return
         stream.request.finish_reason = FinishReason.ABORT
         self.instance(stream.request.instance_id).scheduler.finish(stream.request)
-        self._standstill = False  # blocks were freed: the next step may run again
+        self._unstall()  # blocks were freed: the next step may run again
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.streams)
 
     # ---- the step -------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, instances: Collection[InstanceId] | None = None) -> list[RequestOutput]:
         """One rebalance -> schedule -> run -> update round; returns the requests that made
-        progress (or finished)."""
+        progress (or finished). With `instances`, only those schedule and run, and the clock
+        is not moved (module docstring)."""
         started = self.clock.now()
-        num_preempted, num_moves = self._rebalance()
-        scheduled = [inst.scheduler.schedule() for inst in self.instances]
-        result = self._run(scheduled)
+        whole = instances is None
+        self.last_move_seconds = 0.0
+        num_preempted, num_moves = self._rebalance(advance=whole)
+        stepping = self.instances if whole else [self.instance(i) for i in instances]
+        scheduled = [inst.scheduler.schedule() for inst in stepping]
+        result = self._run(scheduled, advance=whole)
         outputs = self._update(scheduled, result)
         if self._lost:
             num_preempted += self._settle_loss()
@@ -139,22 +152,33 @@ class ClusterEngine:
         return [InstanceView(i.instance_id, i.scheduler.running, i.scheduler.waiting)
                 for i in self.instances]
 
-    def _rebalance(self) -> tuple[int, int]:
+    def _rebalance(self, advance: bool) -> tuple[int, int]:
         """Apply the rebalancer's decisions for the cluster as a whole: settle a standstill,
         then move blocks. Returns the requests preempted and the blocks moved."""
         num_preempted = 0
         if self._standstill:
             settled = self.rebalancer.settle(self._views(), [], standstill=True)
-            self._standstill = False
+            self._unstall()
             self._apply(settled)
             num_preempted = len(settled.preempt)
         if not self.lending:
             return num_preempted, 0
-        moves = self.rebalancer.plan_moves({i.instance_id: i.scheduler.demand()
-                                            for i in self.instances})
-        if not self._execute_moves(moves):
+        demands = {i.instance_id: i.scheduler.demand() for i in self.instances}
+        reroutes = self.rebalancer.plan_admissions(demands)
+        for src, dst in reroutes:
+            request = self.instance(src).scheduler.waiting[0]
+            self.instance(src).scheduler.withdraw(request)
+            self.instance(dst).scheduler.add(request)
+        if reroutes:
+            demands = {i.instance_id: i.scheduler.demand() for i in self.instances}
+        moves = self.rebalancer.plan_moves(demands)
+        if not self._execute_moves(moves, advance):
             return num_preempted + self._settle_loss(), 0
         return num_preempted, len(moves)
+
+    def _unstall(self) -> None:
+        self._stalled.clear()
+        self._standstill = False
 
     def _settle_loss(self) -> int:
         """Settle the instances lost in a step or a move at once, so that nothing is routed to
@@ -193,13 +217,16 @@ class ClusterEngine:
             request.status = RequestStatus.WAITING
             route(self.instances).scheduler.add(request)
 
-    def _execute_moves(self, moves: list[BlockMove]) -> bool:
+    def _execute_moves(self, moves: list[BlockMove], advance: bool = True) -> bool:
         """Copy the data of every move, then switch tables: no step runs in between. False
         (the moves cancelled, the loss noted) when an instance is lost during the copy."""
         if not moves:
             return True
         try:
-            self.clock.advance(self.executor.move_blocks(moves))
+            seconds = self.executor.move_blocks(moves)
+            self.last_move_seconds += seconds
+            if advance:
+                self.clock.advance(seconds)
         except InstanceLost as lost:
             logger.warning("%s while moving blocks; recomputing its requests on the others", lost)
             self.rebalancer.cancel(moves)
@@ -208,7 +235,7 @@ class ClusterEngine:
         self.rebalancer.commit(moves)
         return True
 
-    def _run(self, scheduled: list[SchedulerOutput]) -> StepResult | None:
+    def _run(self, scheduled: list[SchedulerOutput], advance: bool) -> StepResult | None:
         """Run the plans; None when an instance was lost (nothing of the step is applied, and
         the loss is settled right after, so no request loses a token)."""
         try:
@@ -219,11 +246,27 @@ class ClusterEngine:
             return None
         # The cluster step is synchronous: it lasts as long as its slowest instance, or as all
         # of them where they run one after another on one device.
-        seconds = result.seconds.values()
-        self.clock.advance(max(seconds, default=0.0) if self.executor.concurrent_instances
-                           else sum(seconds))
-        self._standstill = self.lending and not any(s.plan.chunks for s in scheduled)
+        for s in scheduled:
+            seconds = result.seconds.get(s.plan.instance_id)
+            if s.plan.chunks and seconds:
+                self.perf_models[s.plan.instance_id].observe(
+                    StepFeatures.of(s.plan.instance_id, s.plan.chunks), seconds)
+        if advance:
+            seconds = result.seconds.values()
+            self.clock.advance(max(seconds, default=0.0) if self.executor.concurrent_instances
+                               else sum(seconds))
+        self._note_progress(scheduled)
         return result
+
+    def _note_progress(self, scheduled: list[SchedulerOutput]) -> None:
+        """A standstill: every instance with requests has run nothing since the last time any
+        instance ran something (in one whole step: nothing ran anywhere)."""
+        if any(s.plan.chunks for s in scheduled):
+            self._unstall()
+            return
+        self._stalled.update(s.plan.instance_id for s in scheduled)
+        self._standstill = self.lending and all(
+            i.instance_id in self._stalled for i in self.instances if i.scheduler.num_unfinished)
 
     def _update(self, scheduled: list[SchedulerOutput],
                 result: StepResult | None) -> list[RequestOutput]:
@@ -273,7 +316,7 @@ class ClusterEngine:
         move = self.rebalancer.plan_migration(owner, request_id, index, dst)
         if move is None:
             return False
-        self._standstill = False  # the placement changed: the next step may run again
+        self._unstall()  # the placement changed: the next step may run again
         if not self._execute_moves([move]):
             self._settle_loss()
             return False

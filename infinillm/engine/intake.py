@@ -110,3 +110,4 @@ def route(instances: Sequence[Instance]) -> Instance:
     return max(instances, key=lambda i: (
         i.rmanager.num_free_blocks - i.scheduler.queued_blocks(),
         -i.scheduler.num_unfinished, -i.instance_id))
+

@@ -32,6 +32,7 @@ from infinillm.types import (
     FinishReason,
     InstanceId,
     Request,
+    RequestId,
     RequestStatus,
     ScheduledChunk,
     StepPlan,
@@ -56,17 +57,21 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, instance_id: InstanceId, config: SchedulerConfig, rmanager: RManager,
-                 can_wait: bool = False):
+                 can_wait: bool = False, local_first: bool = False):
         self.instance_id = instance_id
         # When blocks can come from other instances, a request that finds none waits rather
         # than ending: the rebalancer breaks a cluster-wide standstill.
         self.can_wait = can_wait
+        self.local_first = local_first  # admission by local blocks (proactive placement)
         self.config = config
         self.rmanager = rmanager
         self.waiting: deque[Request] = deque()  # changed only by the methods below
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._queued_blocks = 0  # sum of _blocks_to_start over `waiting`
+        # the batch's tokens and its longest request, as of the last schedule()
+        self._kv_tokens = 0
+        self._longest: RequestId | None = None
 
     @property
     def num_unfinished(self) -> int:
@@ -88,19 +93,46 @@ class Scheduler:
         """What the queue head asks of the cluster: the free blocks it needs, if the local pool
         can give them now (not to be lent this step; a head that needs more borrows anyway, and
         holding blocks back for it would only starve the borrowers it waits for); and the lent
-        blocks it needs back to start locally, when those would be enough."""
+        blocks it needs back to start locally, when those would be enough. With the load of
+        the batch, for proactive placement."""
+        load = dict(num_running=len(self.running), kv_tokens=self._kv_tokens,
+                    longest=self._longest)
         if not self.waiting:
-            return Demand()
+            return Demand(**load)
         rm = self.rmanager
-        need = blocks_needed(self.waiting[0].num_tokens + 1, rm.block_size)
+        head = self.waiting[0]
+        need = blocks_needed(head.num_tokens + 1, rm.block_size)
         keep = need if need <= rm.num_free_blocks else 0
         short = need - rm.num_free_blocks
-        return Demand(keep, short if 0 < short <= rm.num_lent_blocks else 0)
+        return Demand(keep, short if 0 < short <= rm.num_lent_blocks else 0,
+                      head_blocks=self._admission_blocks(head), head_tokens=head.num_tokens,
+                      **load)
+
+    def _admission_blocks(self, request: Request) -> int:
+        """Free blocks a waiting request needs to start: its prefill, and a block of headroom
+        per running request (so admitting it does not force a preemption at the next decode
+        step)."""
+        return blocks_needed(request.num_tokens, self.rmanager.block_size) + len(self.running)
+
+    def _can_admit(self, request: Request) -> bool:
+        """Whether the free blocks allow starting `request` now. Reactive: counting what the
+        creditors may lend. Local first (proactive placement): only this pool's, unless the
+        request can never fit in it; the rebalancer makes room by moving other KV away."""
+        need = self._admission_blocks(request)
+        rm = self.rmanager
+        if self.local_first and need <= rm.num_blocks:
+            return need <= rm.num_free_blocks
+        return need <= rm.num_available_blocks()
 
     def add(self, request: Request) -> None:
         request.instance_id = self.instance_id
         self.waiting.append(request)
         self._queued_blocks += self._blocks_to_start(request)
+
+    def withdraw(self, request: Request) -> None:
+        """Take a waiting request (it holds no blocks) out of the queue, to start elsewhere."""
+        self.waiting.remove(request)
+        self._queued_blocks -= self._blocks_to_start(request)
 
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free its blocks (no-op if already gone)."""
@@ -111,6 +143,7 @@ class Scheduler:
             self._queued_blocks -= self._blocks_to_start(request)
         request.status = RequestStatus.FINISHED
         self.rmanager.free(request.request_id)
+        self._forget_load(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(StepPlan(self.instance_id))
@@ -139,13 +172,10 @@ class Scheduler:
                 break
             request = self.waiting[0]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            # Start a request only when its whole prefill fits now (here or by borrowing), and
-            # keep a block of headroom per running request, so admitting it does not force a
-            # preemption at the next decode step. Admitting long prompts on their first chunk
-            # alone let several half-prefilled ones fill the cluster and wait on each other,
-            # preempted and readmitted in turn without end.
-            need = blocks_needed(request.num_tokens, self.rmanager.block_size) + len(self.running)
-            if need > self.rmanager.num_available_blocks():
+            # Start a request only when its whole prefill fits now (here or by borrowing).
+            # Admitting long prompts on their first chunk alone let several half-prefilled ones
+            # fill the cluster and wait on each other, preempted and readmitted in turn.
+            if not self._can_admit(request):
                 break
             if not self.rmanager.allocate_slots(request.request_id, num_new):
                 break
@@ -155,7 +185,22 @@ class Scheduler:
             self.running.append(request)
             plan.chunks.append(self._chunk(request, num_new))
             budget -= num_new
+        self._note_load()
         return out
+
+    def _forget_load(self, request: Request) -> None:
+        if request.request_id == self._longest:
+            self._longest = None  # its blocks are gone: nothing of it to move
+
+    def _note_load(self) -> None:
+        """The batch's load for `demand` (one pass per step, not one per question asked)."""
+        kv, longest, most = 0, None, -1
+        for r in self.running:
+            n = r.num_tokens
+            kv += n
+            if n > most:
+                longest, most = r.request_id, n
+        self._kv_tokens, self._longest = kv, longest
 
     def _make_room(self, request: Request, num_new: int,
                    out: SchedulerOutput) -> tuple[_Room, int]:
@@ -203,6 +248,7 @@ class Scheduler:
         """Free a running request's blocks and queue it first, to be recomputed."""
         self.running.remove(request)
         self.rmanager.free(request.request_id)
+        self._forget_load(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1

@@ -6,14 +6,17 @@
 Policies (the paper's systems, same devices each):
 - `lending`: `instances` instances, one device each, pooling KV (borrowing, DistAttention,
   recall);
-- `multi`: the same instances, each keeping its KV to itself ("vLLM-multi"). As in the paper's
-  baseline, they are independent servers (`independent=True`): one engine each, on its own
-  clock, a new request routed by the engine's own rule (`intake.route`) to the one with the
-  most free blocks net of its queue. With `independent=False` they are one engine with lending
-  off, whose instances step together (the cluster step is synchronous, as in this engine, so
-  a long prefill on one instance holds up the decodes of all): what `LLM(lending=False)` runs;
+- `multi`: the same instances, each keeping its KV to itself ("vLLM-multi"), a new request
+  routed by the engine's own rule (`intake.route`) to the one with the most free blocks net of
+  its queue: as in the paper's baseline, independent servers;
 - `single`: one instance over all the devices, tensor parallel ("vLLM-single"): its pool is
   all their memory after one copy of the weights, its steps pay the all-reduces.
+
+Time. By default every instance steps on its own timeline (`run_async`): an instance is coupled
+to another only by the attention it asks of it (which delays the holder) and by the ledger, as
+instances on devices of their own would be. `lockstep=True` runs the engine's synchronous
+cluster step instead (`run_trace`): every instance waits for the slowest, so a long prefill on
+one holds up the decodes of all, which is how `LLM` steps its instances today.
 
 Every request is sent greedy with `ignore_eos` and `max_tokens` = its trace output length, so it
 ends after exactly that many tokens unless the engine ends it early (a request that outgrows
@@ -34,7 +37,6 @@ include the ramp up from an empty cluster at the start).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +67,7 @@ class SimSetup:
     max_num_batched_tokens: int = 2048
     kv_blocks_per_instance: int | None = None  # None: what the device's memory holds
     concurrent: bool = True  # False: every instance on one device, one after another
-    independent: bool = True  # multi only: separate engines (True) or one lockstep engine
+    lockstep: bool = False  # True: one synchronous cluster step (as the real engine runs)
     profile: DeviceProfile | None = None  # overrides `device` (e.g. a calibrated profile)
     extra: dict = field(default_factory=dict)  # more engine settings (LLM keywords)
 
@@ -138,9 +140,7 @@ def run_trace(engine: ClusterEngine, trace: Sequence[TraceRequest], *,
               progress: bool = False) -> list[Record]:
     """Serve `trace` on `engine` in simulated time: each request added when the clock reaches
     its arrival (at a step boundary), the clock skipped ahead while the cluster is idle."""
-    clock = engine.clock
-    if not isinstance(clock, VirtualClock):
-        raise ValueError("run_trace needs an engine on a VirtualClock")
+    clock = _virtual_clock(engine)
     records = [Record(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace]
     by_id: dict[str, Record] = {}
     bar = _progress(len(trace), progress)
@@ -166,6 +166,12 @@ def run_trace(engine: ClusterEngine, trace: Sequence[TraceRequest], *,
             on_step(engine)
     bar.close()
     return records
+
+
+def _virtual_clock(engine: ClusterEngine) -> VirtualClock:
+    if not isinstance(engine.clock, VirtualClock):
+        raise ValueError("a simulated run needs an engine on a VirtualClock")
+    return engine.clock
 
 
 def _admit(engine: ClusterEngine, rec: Record, bar) -> str | None:
@@ -258,71 +264,86 @@ def simulate(setup: SimSetup, trace: Sequence[TraceRequest], *,
     """Build the engine for `setup`, serve `trace`, and summarize (with the engine's counters:
     preemptions, block moves, remote traffic, and the pools' state at the end)."""
     started = time.perf_counter()
-    if independent_instances(setup):
-        engines = [build_sim_engine(dataclasses.replace(setup, instances=1))
-                   for _ in range(setup.instances)]
-        records = run_independent(engines, trace, progress=progress,
-                                  check_integrity=check_integrity)
-    else:
-        engines = [build_sim_engine(setup)]
-        records = run_trace(engines[0], trace, progress=progress,
-                            check_integrity=check_integrity)
-    stats = [e.cluster_stats() for e in engines]
-    leaked = [i for st in stats for i in st["instances"] if i["free_blocks"] != i["total_blocks"]]
+    engine = build_sim_engine(setup)
+    loop = run_async if asynchronous(setup) else run_trace
+    records = loop(engine, trace, progress=progress, check_integrity=check_integrity)
+    stats = engine.cluster_stats()
+    leaked = [i for i in stats["instances"] if i["free_blocks"] != i["total_blocks"]]
     if leaked:
         raise RuntimeError(f"pools not whole after the run: {leaked}")
     out = {"policy": setup.policy, "instances": setup.instances, "model": setup.model,
            "device": setup.profile.name if setup.profile else setup.device}
     out.update(summarize(records, slo))
-    out.update(preemptions=sum(st["preemptions"] for st in stats),
-               block_moves=sum(st["migrations"] for st in stats),
-               remote_attention_calls=sum(st["remote_attention_calls"] for st in stats),
-               remote_bytes=sum(st["remote_bytes"] for st in stats),
-               steps=sum(e.num_steps for e in engines),
-               kv_blocks_per_instance=engines[0].num_blocks_per_instance,
+    out.update(preemptions=stats["preemptions"], block_moves=stats["migrations"],
+               remote_attention_calls=stats["remote_attention_calls"],
+               remote_bytes=stats["remote_bytes"], steps=engine.num_steps,
+               kv_blocks_per_instance=engine.num_blocks_per_instance,
                wall_s=time.perf_counter() - started)
     return out
 
 
-def independent_instances(setup: SimSetup) -> bool:
-    """`multi` as separate servers: several instances, on devices of their own."""
-    return (setup.policy == "multi" and setup.independent and setup.concurrent
-            and setup.instances > 1)
+def asynchronous(setup: SimSetup) -> bool:
+    """Instances on timelines of their own: several of them, each on a device of its own."""
+    return not setup.lockstep and setup.concurrent and setup.instances > 1 \
+        and setup.policy != "single"
 
 
-def run_independent(engines: Sequence[ClusterEngine], trace: Sequence[TraceRequest], *,
-                    check_integrity: bool = False, progress: bool = False) -> list[Record]:
-    """Serve `trace` on separate one-instance engines, each on its own virtual clock (a
-    discrete-event loop): the next event is the earliest of the next arrival and the next step
-    of a busy engine. An arrival goes to the engine the router picks (`intake.route` over their
-    instances) and joins at that engine's next step; an idle engine first waits for it."""
-    from infinillm.engine.intake import route
+def run_async(engine: ClusterEngine, trace: Sequence[TraceRequest], *,
+              check_integrity: bool = False, progress: bool = False) -> list[Record]:
+    """Serve `trace` with every instance on its own timeline (a discrete-event loop): the next
+    event is the earliest of the next arrival and the next step of a busy instance, which then
+    steps alone (`engine.step([i])`). The engine's rules are unchanged: an arrival is routed by
+    the engine, borrowing and moves go through the same ledger at the moment they happen.
 
+    What an instance's step costs is its own time; the attention it asks of holders delays each
+    holder's next step by the holder's share (served between the holder's own layers: the wait
+    for a busy holder's current layer is not modelled), and the block moves planned before a
+    step delay the instance that steps. An instance that could run nothing waits for the next
+    event elsewhere; when every busy instance is in that state the engine's standstill rule
+    decides, as in a synchronous step."""
+    clock = _virtual_clock(engine)
     records = [Record(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace]
-    by_id: dict[tuple[int, str], Record] = {}
-    by_instance = {id(e.instances[0]): e for e in engines}
+    by_id: dict[str, Record] = {}
+    ready = {i.instance_id: clock.now() for i in engine.instances}
+    order = dict.fromkeys(ready, 0)  # steps taken: equal times go round in turn
     bar = _progress(len(trace), progress)
+    start = clock.now()
     next_i = 0
     while True:
-        busy = [e for e in engines if e.has_unfinished_requests()]
-        stepper = min(busy, key=lambda e: e.clock.now(), default=None)
-        if next_i < len(records) and (stepper is None
-                                      or records[next_i].arrival_s <= stepper.clock.now()):
+        busy = [i.instance_id for i in engine.instances if i.scheduler.num_unfinished]
+        stepper = min(busy, key=lambda i: (ready[i], order[i]), default=None)
+        if next_i < len(records) and (stepper is None or
+                                      start + records[next_i].arrival_s <= ready[stepper]):
             rec = records[next_i]
             next_i += 1
-            engine = by_instance[id(route([e.instances[0] for e in engines]))]
-            if not engine.has_unfinished_requests() and engine.clock.now() < rec.arrival_s:
-                engine.clock.sleep(rec.arrival_s - engine.clock.now())
+            clock.advance(max(0.0, start + rec.arrival_s - clock.now()))
             rid = _admit(engine, rec, bar)
             if rid is not None:
-                by_id[id(engine), rid] = rec
+                by_id[rid] = rec
+                owner = engine.streams[rid].request.instance_id
+                ready[owner] = max(ready[owner], clock.now())
             continue
         if stepper is None:
             break
-        outputs = stepper.step()
-        _note(outputs, lambda rid, e=stepper: by_id[id(e), rid], stepper.clock.now(), bar)
+        clock.advance(ready[stepper] - clock.now())
+        t = clock.now()
+        outputs = engine.step([stepper])
+        costs = engine.executor.last_costs
+        own = costs.get(stepper)
+        for holder, cost in costs.items():
+            if holder != stepper and holder in ready:
+                ready[holder] = max(ready[holder], t) + cost.seconds
+        order[stepper] += 1
+        if own is not None:
+            ready[stepper] = t + engine.last_move_seconds + own.seconds
+        else:  # ran nothing: wait for the next event elsewhere (or the standstill rule)
+            later = [ready[i] for i in busy if i != stepper and ready[i] > t]
+            if next_i < len(records):
+                later.append(start + records[next_i].arrival_s)
+            ready[stepper] = max(t + engine.last_move_seconds, min(later, default=t))
+        _note(outputs, by_id.__getitem__, ready[stepper] - start, bar)
         if check_integrity:
-            stepper.check_integrity()
+            engine.check_integrity()
     bar.close()
     return records
 

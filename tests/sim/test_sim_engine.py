@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infinillm.cli import main
+from infinillm.sim import run as run_module
 from infinillm.sim.run import (
     SimSetup,
     build_sim_engine,
     longest_context,
-    run_independent,
+    run_async,
     run_trace,
     simulate,
 )
@@ -40,16 +41,20 @@ def small(policy: str, **kw) -> SimSetup:
                     max_num_seqs=8, max_num_batched_tokens=64, **kw)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10**6), policy=st.sampled_from(["lending", "multi", "single"]))
-def test_every_step_conserves_blocks_and_every_request_gets_its_tokens(seed, policy):
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), policy=st.sampled_from(["lending", "multi", "single"]),
+       loop=st.sampled_from(["lockstep", "async"]))
+def test_every_step_conserves_blocks_and_every_request_gets_its_tokens(seed, policy, loop):
     # prompts up to 600 tokens: beyond one pool of 24 x 16 = 384, within the cluster's
     trace = random_trace(seed, 16, 600)
     engine = build_sim_engine(small(policy))
-    times = []
-    records = run_trace(engine, trace, check_integrity=True,
-                        on_step=lambda e: times.append(e.clock.now()))
-    assert times == sorted(times)
+    if loop == "lockstep":
+        times = []
+        records = run_trace(engine, trace, check_integrity=True,
+                            on_step=lambda e: times.append(e.clock.now()))
+        assert times == sorted(times)
+    else:
+        records = run_async(engine, trace, check_integrity=True)
     for req, rec in zip(trace, records):
         if rec.refused:  # only a prompt no instance (and no loan) can hold is refused
             assert policy == "multi" and req.prompt_tokens + 1 > 24 * 16
@@ -64,25 +69,42 @@ def test_every_step_conserves_blocks_and_every_request_gets_its_tokens(seed, pol
         assert engine.cluster_stats()["debts"] == []
 
 
-def test_independent_multi_instances_each_keep_their_own_clock():
-    """The paper's vLLM-multi: separate servers. A long prefill on one does not hold up the
-    decodes of the others, as it does when one engine steps every instance together."""
+def test_async_instances_each_keep_their_own_clock(monkeypatch):
+    """The paper's vLLM-multi: separate servers. On its own timeline, each instance serves the
+    requests routed to it exactly as a one-instance server given only those requests would;
+    a long prefill on one does not hold up the decodes of the others, as it does when the
+    engine steps every instance together."""
     # one long prompt, then short requests that the router spreads over the other instances
-    trace = [TraceRequest(0.0, 1500, 2)] + [TraceRequest(0.01 * i, 20, 20) for i in range(1, 5)]
+    trace = [TraceRequest(0.0, 1500, 2)] + [TraceRequest(0.01 * i, 20, 20) for i in range(1, 9)]
     setup = dict(model="llama2-7b", instances=3, policy="multi", kv_blocks_per_instance=200,
                  max_num_batched_tokens=64)
+    routed = {}
+    admit = run_module._admit
+
+    def noting_admit(engine, rec, bar):
+        rid = admit(engine, rec, bar)
+        routed[id(rec)] = engine.streams[rid].request.instance_id
+        return rid
+
+    monkeypatch.setattr(run_module, "_admit", noting_admit)
+    engine = build_sim_engine(SimSetup(**setup))
+    records = run_async(engine, trace, check_integrity=True)
+    monkeypatch.undo()
+    assert [r.num_tokens for r in records] == [2] + [20] * 8
+    owners = [routed[id(r)] for r in records]
+    assert len(set(owners)) == 3  # the router spread them
+    for iid in set(owners):
+        mine = [req for req, o in zip(trace, owners) if o == iid]
+        alone = run_trace(build_sim_engine(SimSetup(**{**setup, "instances": 1})), mine)
+        ours = [rec for rec, o in zip(records, owners) if o == iid]
+        for a, b in zip(alone, ours):
+            assert (a.first_token_s, a.end_s) == pytest.approx((b.first_token_s, b.end_s),
+                                                               rel=1e-9, abs=1e-12)
+    assert engine.num_free_blocks() == [200] * 3
+    together = simulate(SimSetup(lockstep=True, **setup), trace)
     apart = simulate(SimSetup(**setup), trace)
-    together = simulate(SimSetup(independent=False, **setup), trace)
-    assert apart["completed"] == together["completed"] == 5
-    assert apart["steps"] > together["steps"]  # every engine steps on its own
+    assert apart["completed"] == together["completed"] == 9
     assert apart["tpot_p50_s"] < together["tpot_p50_s"]
-    engines = [build_sim_engine(SimSetup(**{**setup, "instances": 1})) for _ in range(3)]
-    records = run_independent(engines, trace, check_integrity=True)
-    assert [r.num_tokens for r in records] == [2, 20, 20, 20, 20]
-    assert all(r.first_token_s > r.arrival_s for r in records)
-    # the router spread them: every engine served something, and all are whole again
-    assert all(e.num_steps for e in engines)
-    assert all(e.num_free_blocks() == [200] for e in engines)
 
 
 def test_serial_instances_take_the_sum_and_concurrent_ones_the_slowest():
