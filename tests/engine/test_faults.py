@@ -154,3 +154,34 @@ def test_a_request_the_survivor_cannot_hold_ends_with_length(tiny_llama, referen
     assert [done[i].outputs[0].token_ids for i in ids[1:]] == expected[1:]
     assert_lost(llm, InstanceId(1))
 
+
+def test_a_loss_during_a_swap_recomputes_the_swapped_requests(tiny_llama, reference):
+    """Three instances: 0 and 1 hold a block of each other's request, so the rebalancer swaps
+    them (each move's destination is the other's source, overwritten in place), and in the same
+    moves brings a block of instance 2's request home. Instance 2 is lost before its move is
+    written, after the swap was: the swapped blocks hold neither the old nor a committed
+    placement, so their requests must be recomputed, not read."""
+    batch = prompts(4, (13, 14, 15))
+    llm = LLM(tiny_llama, block_size=4, kv_blocks_per_instance=14, num_instances=3,
+              max_num_batched_tokens=48)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in batch]
+    done = {}
+    engine.step()  # every prompt prefilled, each request on its own instance
+    assert [engine.streams[i].request.instance_id for i in ids] == [0, 1, 2]
+    assert engine.migrate_block(ids[0], 0, InstanceId(1))
+    assert engine.migrate_block(ids[1], 0, InstanceId(0))
+    assert engine.migrate_block(ids[2], 0, InstanceId(0))
+    plan = FaultPlan("move", InstanceId(2))
+    engine.executor.set_fault(plan)
+    moves = MoveLog(engine.executor)
+    finish(engine, ids, done)
+    assert plan.fired
+    first = moves.calls[0]  # written in this order: the swap, then the move home to 2
+    sources = {m.src for m in first}
+    assert [m.request_id for m in first if m.dst in sources] == ids[:2]
+    assert [(m.request_id, m.dst[0]) for m in first if m.dst not in sources] == [(ids[2], 2)]
+    assert [done[i].outputs[0].token_ids for i in ids] == reference(batch)
+    survivors = [0, 1]
+    assert [i.instance_id for i in engine.instances] == survivors
+    assert engine.num_free_blocks() == [14, 14] and engine.cluster_stats()["debts"] == []
