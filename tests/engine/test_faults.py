@@ -185,3 +185,30 @@ def test_a_loss_during_a_swap_recomputes_the_swapped_requests(tiny_llama, refere
     survivors = [0, 1]
     assert [i.instance_id for i in engine.instances] == survivors
     assert engine.num_free_blocks() == [14, 14] and engine.cluster_stats()["debts"] == []
+
+
+def test_a_request_ended_by_the_lost_instance_in_its_last_step_is_reported(tiny_llama,
+                                                                           reference):
+    """Without lending, a request its pool can never hold ends in `schedule`; when its
+    instance is lost in that same step, the end is still reported (and the other instance's
+    request completes exactly)."""
+    batch = prompts(5, (14, 6))  # 14 + 3 generated tokens need a 5th block of 4
+    llm = LLM(tiny_llama, block_size=4, kv_blocks_per_instance=4, num_instances=2,
+              lending=False)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in batch]
+    done = {}
+    for _ in range(3):  # the 14-token request computed positions 0..15: its 4 blocks are full
+        assert not [o for o in engine.step() if o.finished]
+    assert engine.streams[ids[0]].request.instance_id == 0
+    engine.executor.set_fault(FaultPlan("sample", InstanceId(0)))
+    outputs = engine.step()
+    assert [(o.request_id, o.finished, o.outputs[0].finish_reason) for o in outputs] == [
+        (ids[0], True, "length")]
+    assert [i.instance_id for i in engine.instances] == [1]
+    done[ids[0]] = outputs[0]
+    finish(engine, ids, done)
+    expected = reference(batch)
+    assert done[ids[0]].outputs[0].token_ids == expected[0][:3]
+    assert done[ids[1]].outputs[0].token_ids == expected[1]
+    assert engine.num_free_blocks() == [4]
