@@ -14,8 +14,9 @@ Executors and fabrics hold `fault: Fault | None`, None outside tests; each point
     "sample"           the instance sampled its tokens, which have not reached the engine
 
 `FaultPlan` fails one instance the n-th time it reaches one point: in-process by raising
-`InstanceLost` (the executor then forgets the instance when the engine removes it), in a Ray
-actor by ending the actor's process, as a crash would.
+`InjectedFault`, which the in-process executor reports as `InstanceLost` (and it forgets the
+instance when the engine removes it); in a Ray actor by ending the actor's process, as a crash
+would.
 """
 
 from __future__ import annotations
