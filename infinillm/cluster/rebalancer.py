@@ -82,6 +82,9 @@ class Rebalancer:
         self.placement = placement  # None: reactive (recall and reclaims)
         self.num_standstills = 0
         self.num_moves = 0
+        # Requests whose blocks a cancelled swap may have overwritten: recomputed when the
+        # loss that cancelled it is settled.
+        self._overwritten: set[RequestId] = set()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -106,8 +109,9 @@ class Rebalancer:
             if view.instance_id in lost:
                 continue
             rm = self.gmanager.rmanagers[view.instance_id]
-            out.preempt += [r for r in view.running
-                            if any(rm.holds_blocks_on(r.request_id, i) for i in lost)]
+            out.preempt += [r for r in view.running if r.request_id in self._overwritten
+                            or any(rm.holds_blocks_on(r.request_id, i) for i in lost)]
+        self._overwritten.clear()
 
     def _settle_standstill(self, instances: Sequence[InstanceView], out: Settlement) -> None:
         running = sorted((r for v in instances for r in v.running), key=lambda r: r.arrival)
@@ -158,8 +162,13 @@ class Rebalancer:
         return self.gmanager.plan_move(owner, request_id, index, dst)
 
     def cancel(self, moves: list[BlockMove]) -> None:
-        """Give back the destinations reserved for moves that were not carried out."""
+        """Give back the destinations reserved for moves that were not carried out (an
+        instance was lost during the copy). A swap's destinations are blocks in use, each the
+        source of the other move, and some may have been overwritten already: the requests
+        whose source is another move's destination are preempted when the loss is settled."""
         self.gmanager.cancel_moves(moves)
+        destinations = {m.dst for m in moves}
+        self._overwritten.update(m.request_id for m in moves if m.src in destinations)
 
     def commit(self, moves: list[BlockMove]) -> None:
         """Switch the control plane to moves the data plane has copied."""

@@ -287,7 +287,9 @@ class ClusterEngine:
     def _emit(self, stream: OutputStream) -> RequestOutput:
         out = stream.output()
         if out.finished:
-            self.instance(stream.request.instance_id).scheduler.finish(stream.request)
+            owner = self._by_id.get(stream.request.instance_id)
+            if owner is not None:  # None: its instance ended it, then was lost in that step
+                owner.scheduler.finish(stream.request)
             del self.streams[stream.request.request_id]
         return out
 

@@ -82,6 +82,8 @@ class DistFabric(Fabric):
 
     def _exchange(self, me, layer, outgoing, q, k, v, scale):
         hkv, hq, d = self.kv_heads, self.num_heads, self.head_dim
+        if self.fault is not None:
+            self.fault("exchange.before", me)
         # round 1: K/V rows and queries to holders; the same from owners that use our blocks
         sends = []
         for holder, work in outgoing.items():
@@ -105,6 +107,8 @@ class DistFabric(Fabric):
                 lses = torch.cat([lse.reshape(-1) for _, lse in partials]).float()
                 replies += [(outs, owner), (lses, owner)]
                 self.stats.bytes_sent += nbytes(outs, lses)
+        if self.fault is not None:
+            self.fault("exchange.during", me)
         waiting = {}
         for holder, work in outgoing.items():
             if work.items:
@@ -166,6 +170,8 @@ class DistFabric(Fabric):
         sends = [(torch.cat(parts), dst) for dst, parts in outgoing.items()]
         recvs = [(torch.empty(2 * len(blocks) * block_numel, dtype=self.dtype), src)
                  for src, blocks in incoming.items()]
+        if self.fault is not None:
+            self.fault("move", me)
         self._run(sends, recvs)
         shape = self.storage.keys[:, :, 0].shape
         for (buf, src) in recvs:

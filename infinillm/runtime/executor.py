@@ -19,6 +19,7 @@ from infinillm.attention import get_backend
 from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel, ModelArch, load_state_dict
 from infinillm.runtime.fabric import FabricStats, InProcFabric
+from infinillm.runtime.faults import Fault, InjectedFault
 from infinillm.runtime.worker import Worker
 from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
 
@@ -89,6 +90,11 @@ class Executor(ABC):
     def remove_instance(self, instance: InstanceId) -> None:  # noqa: B027 (optional)
         """Forget an instance that was lost."""
 
+    def set_fault(self, fault: Fault | None) -> None:
+        """Tests only: make instances fail at named points of a step (faults.py); None
+        removes the fault."""
+        raise NotImplementedError(f"{type(self).__name__} has no fault injection")
+
     def shutdown(self) -> None:  # noqa: B027 (optional)
         """Release processes and memory."""
 
@@ -104,20 +110,36 @@ class InProcExecutor(Executor):
         self.workers = {i: build_worker(spec, i, model, self.fabric) for i in instance_ids}
         for iid, worker in self.workers.items():
             self.fabric.register(iid, worker.storage, worker.attention)
+        self.fault: Fault | None = None
 
     def execute(self, plans: list[StepPlan]) -> StepResult:
         result = StepResult({}, {})
-        for plan in plans:
-            started = time.perf_counter()
-            result.sampled.update(self.workers[plan.instance_id].execute(plan))
-            result.seconds[plan.instance_id] = time.perf_counter() - started
+        try:
+            for plan in plans:
+                started = time.perf_counter()
+                result.sampled.update(self.workers[plan.instance_id].execute(plan))
+                result.seconds[plan.instance_id] = time.perf_counter() - started
+                if self.fault is not None:
+                    self.fault("sample", plan.instance_id)
+        except InjectedFault as fault:
+            raise InstanceLost([fault.instance], str(fault)) from None
         self.fabric.stats.execute_seconds += sum(result.seconds.values())
         return result
 
     def move_blocks(self, moves: list[BlockMove]) -> float:
         started = time.perf_counter()
-        self.fabric.move_blocks(moves)
+        try:
+            self.fabric.move_blocks(moves)
+        except InjectedFault as fault:
+            raise InstanceLost([fault.instance], str(fault)) from None
         return time.perf_counter() - started
+
+    def remove_instance(self, instance: InstanceId) -> None:
+        self.workers.pop(instance, None)
+        self.fabric.unregister(instance)
+
+    def set_fault(self, fault: Fault | None) -> None:
+        self.fault = self.fabric.fault = fault
 
     def fabric_stats(self, max_age_s: float = 0.2) -> FabricStats:
         return dataclasses.replace(self.fabric.stats,

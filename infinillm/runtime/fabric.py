@@ -22,6 +22,7 @@ import torch
 
 from infinillm.attention import AttentionBackend, Partial
 from infinillm.kvcache import KVStorage
+from infinillm.runtime.faults import Fault
 from infinillm.runtime.traffic import RemoteWork
 from infinillm.types import BlockMove, InstanceId
 
@@ -72,6 +73,7 @@ def nbytes(*tensors: torch.Tensor) -> int:
 class Fabric(ABC):
     def __init__(self) -> None:
         self.stats = FabricStats()
+        self.fault: Fault | None = None  # tests only (faults.py)
 
     def begin_step(  # noqa: B027 (optional hook)
         self, me: InstanceId, incoming: dict[InstanceId, RemoteWork]
@@ -108,8 +110,16 @@ class InProcFabric(Fabric):
         self.storages[instance] = storage
         self.backends[instance] = attention
 
+    def unregister(self, instance: InstanceId) -> None:
+        """Forget a lost instance: nothing reaches its storage any more."""
+        self.storages.pop(instance, None)
+        self.backends.pop(instance, None)
+
     def exchange(self, me, layer, outgoing, q, k, v, scale):
         started = time.perf_counter()
+        if self.fault is not None:
+            for instance in (me, *outgoing):
+                self.fault("exchange.before", instance)
         results = {}
         for holder, work in outgoing.items():
             rows = torch.tensor(work.write_rows, dtype=torch.int64)
@@ -119,12 +129,18 @@ class InProcFabric(Fabric):
             sent = nbytes(k[rows], v[rows], *queries)
             sent += sum(nbytes(o, lse) for o, lse in results[holder])
             self.stats.count(me, holder, work, sent)
+        if self.fault is not None:
+            for instance in (me, *outgoing):
+                self.fault("exchange.during", instance)
         self.stats.exchange_seconds += time.perf_counter() - started
         return results
 
     def move_blocks(self, moves):
         data = [self.storages[m.src[0]].read_block(m.src[1]) for m in moves]
         for m, (k, v) in zip(moves, data):
+            if self.fault is not None:
+                self.fault("move", m.src[0])
+                self.fault("move", m.dst[0])
             self.storages[m.dst[0]].write_block(m.dst[1], k, v)
         self.stats.blocks_moved += len(moves)
         self.stats.bytes_sent += sum(nbytes(k, v) for k, v in data)

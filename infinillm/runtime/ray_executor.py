@@ -23,6 +23,7 @@ from infinillm.runtime.executor import (
     build_worker,
 )
 from infinillm.runtime.fabric import FabricStats
+from infinillm.runtime.faults import Fault
 from infinillm.runtime.traffic import RemoteWork, order_chunks, remote_work
 from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
 
@@ -64,6 +65,8 @@ class InstanceActor:
         self.fabric.begin_step(plan.instance_id, incoming)
         try:
             sampled = self.worker.execute(plan)
+            if self.fabric.fault is not None:
+                self.fabric.fault("sample", plan.instance_id)
         finally:
             self.fabric.begin_step(plan.instance_id, {})
             seconds = time.perf_counter() - started
@@ -76,6 +79,10 @@ class InstanceActor:
 
     def stats(self) -> FabricStats:
         return self.fabric.stats
+
+    def set_fault(self, fault: Fault | None) -> bool:
+        self.fabric.fault = fault
+        return True
 
     def close(self) -> None:
         self.fabric.close()
@@ -187,6 +194,11 @@ class RayExecutor(Executor):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
         self._stats_cache = (time.monotonic(), total)
         return total
+
+    def set_fault(self, fault: Fault | None) -> None:
+        """Tests only: the same fault in every actor; a FaultPlan there should end the
+        process (`exit_process`), as an actor that crashes."""
+        self._ray.get([a.set_fault.remote(fault) for a in self.actors.values()])
 
     def remove_instance(self, instance: InstanceId) -> None:
         actor = self.actors.pop(instance, None)

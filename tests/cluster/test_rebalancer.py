@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from infinillm.cluster import GManager, InstanceView, Rebalancer, RManager
-from infinillm.types import InstanceId, Request, RequestId, SamplingParams
+from infinillm.types import BlockMove, InstanceId, Request, RequestId, SamplingParams
 
 A, B, C = InstanceId(0), InstanceId(1), InstanceId(2)
 
@@ -46,3 +46,24 @@ def test_a_lost_instance_orphans_its_requests_and_preempts_those_with_blocks_on_
     assert settled.orphans == [b_run, b_wait]
     assert settled.preempt == [on_b]  # home's blocks are all on c
     assert settled.end == [] and settled.lost == [B]  # a loss is settled before standstills
+
+
+def test_requests_of_a_cancelled_swap_are_recomputed_when_the_loss_is_settled():
+    """A swap writes over blocks in use (each move's destination is the other's source): once
+    cancelled, neither placement can be trusted, whichever of its writes were done."""
+    gm = GManager()
+    rms = [RManager(i, 4, 4, 4, gm) for i in (A, B, C)]
+    for rm in rms:
+        gm.register(rm)
+    for rm, rid in zip(rms, ("ra", "rb", "rc")):
+        assert rm.allocate_slots(RequestId(rid), 4)
+    ra, rb, rc = request("ra", 0, 4), request("rb", 1, 4), request("rc", 2, 4)
+    views = [InstanceView(A, [ra], []), InstanceView(B, [rb], []), InstanceView(C, [rc], [])]
+    rebalancer = Rebalancer(gm, 16, 0)
+    swap = [BlockMove(RequestId("ra"), A, 0, (B, 1), (A, 1)),
+            BlockMove(RequestId("rb"), B, 0, (A, 1), (B, 1))]
+    rebalancer.cancel(swap)
+    gm.check_integrity()  # nothing was reserved for a swap, so nothing is released
+    settled = rebalancer.settle(views, [C], standstill=False)
+    assert settled.orphans == [rc] and settled.preempt == [ra, rb]
+    assert rebalancer.settle(views[:2], [C], standstill=False).preempt == []  # settled once
