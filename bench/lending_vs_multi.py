@@ -1,8 +1,10 @@
 """Does lending beat instances that keep their KV to themselves ("multi")? Mixed long and short
-requests on N instances, submitted at once, lending on vs off, side by side.
+requests on N instances, submitted at once: reactive lending, proactive placement and lending
+off, side by side.
 
     python -m bench.lending_vs_multi [--instances 4] [--blocks-per-instance 48]
         [--num-long 4] [--num-short 40] [--seed 0] [--variants over,fair]
+        [--systems lending,proactive,multi]
 
 The paper's baseline "vLLM-multi" is the same instances with no pooling: every request's KV
 stays on the instance that runs it (`lending=False`). Both systems get the same seeded
@@ -34,7 +36,8 @@ number of instances with running requests per step ("busy inst") and of instance
 waiting while their own blocks are on loan to others ("lend+wait inst"). Greedy tokens of
 requests served by both systems are compared (exactness). The engine's schedule does not depend
 on timing, so `--repeats` runs (order alternating) must schedule alike; the fastest is kept.
-Prints a table, the ratios lending / multi, and last one JSON line.
+Prints a table, the ratios lending / multi, proactive / multi and proactive / lending (the
+ablation of placement on the real engine), and last one JSON line.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ from bench.lib.report import emit_json, machine_info, print_table
 from bench.lib.workloads import Arrival, make_workload
 
 COUNTERS = ("preemptions", "standstills", "migrations", "remote_attention_calls", "remote_bytes")
-SYSTEMS = {"lending": True, "multi": False}
+# name: (lending, placement)
+SYSTEMS = {"lending": (True, "reactive"), "proactive": (True, "proactive"),
+           "multi": (False, "reactive")}
 
 
 def workload(args, variant: str, vocab: int) -> list[Arrival]:
@@ -59,12 +64,14 @@ def workload(args, variant: str, vocab: int) -> list[Arrival]:
                          short_len=(args.short_min, args.short_max))
 
 
-def make_llm(args, lending: bool):
+def make_llm(args, system: str):
     """A fresh engine per run, warmed up, so that every run starts from the same state."""
     from infinillm import LLM
 
+    lending, placement = SYSTEMS[system]
     llm = LLM(args.model, block_size=args.block_size, kv_blocks_per_instance=args.blocks,
-              num_instances=args.instances, lending=lending, max_num_seqs=args.max_num_seqs,
+              num_instances=args.instances, lending=lending, placement=placement,
+              max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
     # `even`: same-length prompts, two per instance, so every instance ends the warm-up in the
     # same state; `uneven`: lengths differ, which leaves the lending router's free-block view
@@ -151,12 +158,13 @@ def _keep_best(best: dict | None, r: dict) -> dict:
 
 
 def compare(args, variant: str, v: int, requests: list[Arrival]) -> dict[str, dict]:
-    """Both systems on one variant, `--repeats` times each, order alternating; best kept."""
+    """Every system of --systems on one variant, `--repeats` times each, order alternating;
+    best kept."""
     res: dict[str, dict] = {}
     for rep in range(args.repeats):
-        names = list(SYSTEMS) if (v + rep) % 2 == 0 else list(SYSTEMS)[::-1]
+        names = args.systems if (v + rep) % 2 == 0 else args.systems[::-1]
         for name in names:
-            llm = make_llm(args, SYSTEMS[name])
+            llm = make_llm(args, name)
             r = run(llm, requests)
             del llm
             gc.collect()
@@ -164,25 +172,35 @@ def compare(args, variant: str, v: int, requests: list[Arrival]) -> dict[str, di
     return res
 
 
-def ratio_record(variant: str, res: dict[str, dict], requests: list[Arrival],
+PAIRS = (("lending", "multi"), ("proactive", "multi"), ("proactive", "lending"))
+
+
+def ratio_records(variant: str, res: dict[str, dict], requests: list[Arrival],
+                  num_long: int) -> list[dict]:
+    """a / b for each pair of PAIRS that both ran."""
+    return [ratio_record(variant, a, b, res[a], res[b], requests, num_long)
+            for a, b in PAIRS if a in res and b in res]
+
+
+def ratio_record(variant: str, a: str, b: str, ra: dict, rb: dict, requests: list[Arrival],
                  num_long: int) -> dict:
-    lend, multi = res["lending"], res["multi"]
-    both = set(lend["outputs"]) & set(multi["outputs"])
-    same = sum(lend["outputs"][i] == multi["outputs"][i] for i in both)
-    par = (lend["generated_tokens"] / lend["parallel_estimate_s"]) / (
-        multi["generated_tokens"] / multi["parallel_estimate_s"])
-    return {"variant": variant, "system": "lending/multi",
-            "tokens_per_s_ratio": lend["tokens_per_s"] / multi["tokens_per_s"],
+    both = set(ra["outputs"]) & set(rb["outputs"])
+    same = sum(ra["outputs"][i] == rb["outputs"][i] for i in both)
+    par = (ra["generated_tokens"] / ra["parallel_estimate_s"]) / (
+        rb["generated_tokens"] / rb["parallel_estimate_s"])
+    return {"variant": variant, "system": f"{a}/{b}",
+            "tokens_per_s_ratio": ra["tokens_per_s"] / rb["tokens_per_s"],
             "parallel_estimate_tokens_per_s_ratio": par,
-            "generated_tokens_ratio": lend["generated_tokens"] / multi["generated_tokens"],
+            "generated_tokens_ratio": ra["generated_tokens"] / rb["generated_tokens"],
             "same_greedy_tokens": same, "served_by_both": len(both),
             "long_prompt_lens": sorted(len(a.prompt_ids) for a in requests)[-num_long:]}
 
 
 def ratio_row(r: dict) -> dict:
-    return {"variant": r["variant"], "tok/s lending/multi": round(r["tokens_per_s_ratio"], 3),
-            "par-est tok/s lending/multi": round(r["parallel_estimate_tokens_per_s_ratio"], 3),
-            "gen tokens lending/multi": round(r["generated_tokens_ratio"], 3),
+    return {"variant": r["variant"], "ratio": r["system"],
+            "tok/s": round(r["tokens_per_s_ratio"], 3),
+            "par-est tok/s": round(r["parallel_estimate_tokens_per_s_ratio"], 3),
+            "gen tokens": round(r["generated_tokens_ratio"], 3),
             "same greedy tokens": f"{r['same_greedy_tokens']}/{r['served_by_both']}"}
 
 
@@ -218,6 +236,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--variants", default="over,fair")
+    ap.add_argument("--systems", default="lending,proactive,multi",
+                    help="lending (reactive), proactive, multi: which to run")
     ap.add_argument("--warmup", choices=["even", "uneven"], default="even",
                     help="uneven: warm-up prompts of different lengths (exposes stale routing)")
     ap.add_argument("--repeats", type=int, default=1,
@@ -227,6 +247,9 @@ def parse_args() -> argparse.Namespace:
     args.long_frac = tuple(float(x) for x in args.long_frac.split(","))
     args.fair_long_frac = tuple(float(x) for x in args.fair_long_frac.split(","))
     args.variants = args.variants.split(",")
+    args.systems = args.systems.split(",")
+    if not args.systems or any(s not in SYSTEMS for s in args.systems):
+        ap.error(f"--systems must name some of {', '.join(SYSTEMS)}, got {args.systems}")
     bad = [v for v in args.variants if v not in ("over", "fair")]
     if bad or not args.variants:
         ap.error(f"--variants must name over and/or fair, got {args.variants}")
@@ -240,14 +263,14 @@ def main() -> None:
     for v, variant in enumerate(args.variants):
         requests = workload(args, variant, arch.vocab_size)
         res = compare(args, variant, v, requests)
-        ratios = ratio_record(variant, res, requests, args.num_long)
+        ratios = ratio_records(variant, res, requests, args.num_long)
         for name, r in res.items():
             r.pop("outputs")
             r.update(variant=variant, system=name)
             results.append(r)
             rows.append(_row(r))
-        results.append(ratios)
-        ratio_rows.append(ratio_row(ratios))
+        results += ratios
+        ratio_rows += [ratio_row(r) for r in ratios]
     print_table(rows)
     print()
     print_table(ratio_rows)

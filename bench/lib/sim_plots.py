@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLORS = {"lending": "tab:blue", "multi": "tab:orange", "single": "tab:green"}
+COLORS = {"lending": "tab:blue", "proactive": "tab:red", "multi": "tab:orange",
+          "single": "tab:green"}
 # lending and multi coincide where nothing is borrowed: dashes let both lines show
-LINES = {"lending": {"ls": "-", "marker": "o"}, "multi": {"ls": "--", "marker": "s", "ms": 4},
+LINES = {"lending": {"ls": "-", "marker": "o"}, "proactive": {"ls": "-", "marker": "D", "ms": 4},
+         "multi": {"ls": "--", "marker": "s", "ms": 4},
          "single": {"ls": "-.", "marker": "^"}}
 MARKERS = ("o", "s", "^", "D")
 
@@ -53,7 +55,7 @@ def _plot_context(plt, report: dict):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     models = sorted({r["model"] for r in rows})
-    styles = {"lending": "-", "multi": ":", "single": "--"}
+    styles = {"lending": "-", "proactive": "-.", "multi": ":", "single": "--"}
     for m_i, model in enumerate(models):
         for policy, color in COLORS.items():
             pts = sorted((r["instances"], r["longest_tokens"]) for r in rows

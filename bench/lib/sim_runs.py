@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
-POLICIES = ("lending", "multi", "single")
+POLICIES = ("lending", "proactive", "multi", "single")
 # Throughput figures of a run (infinillm.sim.run.summarize): `loaded_*` count what the cluster
 # produced while requests still arrived (no drain at the end), the others the whole run.
 METRICS = {"output": "loaded_output_tokens_per_s", "goodput": "loaded_goodput_tokens_per_s",

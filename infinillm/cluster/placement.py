@@ -1,10 +1,11 @@
 """Proactive KV placement: the greedy round of Infinite-LLM v2, planned by the rebalancer
 before each step when `placement="proactive"`.
 
-Reactive lending borrows when a request runs out of blocks and recalls blocks home when the
-owner has room again; under load the two fight (a recalled block makes room that the next
-admission fills, which borrows again). Proactive placement instead decides where KV lives so
-that every instance can run the batch it should:
+Reactive lending borrows when a request runs out of blocks (admitting a request by what
+creditors may lend, too) and recalls blocks home when the owner has room again; under load the
+two fight (a recalled block makes room that the next admission fills, which borrows again).
+Proactive placement instead decides where KV lives so that every instance can run the batch it
+should:
 
 - A **debtor** is an instance whose queue head cannot start for want of local blocks (admission
   is local first under proactive placement). Debtors go smallest batch first: a small batch
@@ -64,30 +65,6 @@ class Placement:
             moves += got
         self.num_moves += len(moves)
         return moves
-
-    def plan_admissions(self, demands: Mapping[InstanceId, Demand]
-                        ) -> list[tuple[InstanceId, InstanceId]]:
-        """Queue heads to start elsewhere, as (from, to) pairs: a head that cannot start where
-        it waits goes to the instance with no queue and the most free blocks, where it starts
-        at once (one shared queue for the cluster, for requests that hold no blocks yet)."""
-        gm = self.gmanager
-        out: list[tuple[InstanceId, InstanceId]] = []
-        taken: dict[InstanceId, int] = {}
-        for debtor, d in demands.items():
-            if d.head_blocks <= gm.rmanagers[debtor].num_free_blocks:
-                continue
-            best, most = None, 0
-            for iid, other in demands.items():
-                if other.head_blocks or iid == debtor:
-                    continue
-                room = (gm.rmanagers[iid].num_free_blocks - other.num_running - taken.get(iid, 0)
-                        - (d.head_blocks - d.num_running))
-                if room >= 0 and (best is None or room > most):
-                    best, most = iid, room
-            if best is not None:
-                out.append((debtor, best))
-                taken[best] = taken.get(best, 0) + d.head_blocks - d.num_running + 1
-        return out
 
     def _room(self, creditor: InstanceId, demands: Mapping[InstanceId, Demand]) -> int:
         """Blocks `creditor` may take for others now: none while it has a queue."""

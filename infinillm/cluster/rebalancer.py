@@ -147,12 +147,6 @@ class Rebalancer:
                                      {i: d.reclaim for i, d in demands.items()})
         return moves
 
-    def plan_admissions(self, demands: dict[InstanceId, Demand]
-                        ) -> list[tuple[InstanceId, InstanceId]]:
-        """Under proactive placement, queue heads to start on another instance, as (from, to)
-        pairs (Placement.plan_admissions); none under reactive lending."""
-        return [] if self.placement is None else self.placement.plan_admissions(demands)
-
     def plan_migration(self, owner: InstanceId, request_id: RequestId, index: int,
                        dst: InstanceId) -> BlockMove | None:
         """Move logical block `index` of a request to `dst`; None when `dst` holds it already

@@ -163,15 +163,8 @@ class ClusterEngine:
             num_preempted = len(settled.preempt)
         if not self.lending:
             return num_preempted, 0
-        demands = {i.instance_id: i.scheduler.demand() for i in self.instances}
-        reroutes = self.rebalancer.plan_admissions(demands)
-        for src, dst in reroutes:
-            request = self.instance(src).scheduler.waiting[0]
-            self.instance(src).scheduler.withdraw(request)
-            self.instance(dst).scheduler.add(request)
-        if reroutes:
-            demands = {i.instance_id: i.scheduler.demand() for i in self.instances}
-        moves = self.rebalancer.plan_moves(demands)
+        moves = self.rebalancer.plan_moves({i.instance_id: i.scheduler.demand()
+                                            for i in self.instances})
         if not self._execute_moves(moves, advance):
             return num_preempted + self._settle_loss(), 0
         return num_preempted, len(moves)

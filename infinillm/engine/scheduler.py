@@ -129,11 +129,6 @@ class Scheduler:
         self.waiting.append(request)
         self._queued_blocks += self._blocks_to_start(request)
 
-    def withdraw(self, request: Request) -> None:
-        """Take a waiting request (it holds no blocks) out of the queue, to start elsewhere."""
-        self.waiting.remove(request)
-        self._queued_blocks -= self._blocks_to_start(request)
-
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free its blocks (no-op if already gone)."""
         if request in self.running:

@@ -10,8 +10,8 @@ if TYPE_CHECKING:
 
 
 def cluster_stats(engine: ClusterEngine) -> dict:
-    """Per instance block counts, the debts, remote attention traffic, block moves and
-    preemptions."""
+    """Per instance block counts and fitted step-time model, the debts, remote attention
+    traffic, block moves (those of proactive placement among them) and preemptions."""
     instances = []
     for inst in engine.instances:
         rm = inst.rmanager
@@ -25,12 +25,16 @@ def cluster_stats(engine: ClusterEngine) -> dict:
             "running": len(inst.scheduler.running),
             "waiting": len(inst.scheduler.waiting),
             "preemptions": inst.scheduler.num_preemptions,
+            "step_model": engine.perf_models[inst.instance_id].as_dict(),
         })
     fabric = engine.executor.fabric_stats()
     gm = engine.gmanager
     debts = sorted(gm.debt_matrix().items()) if gm is not None else []
+    placement = engine.rebalancer.placement
     return {
         "lending": engine.lending,
+        "placement": engine.config.cluster.placement if engine.lending else None,
+        "placement_moves": placement.num_moves if placement is not None else 0,
         "block_size": engine.config.cache.block_size,
         "instances": instances,
         "debts": [{"debtor": d, "creditor": c, "blocks": n} for (d, c), n in debts],

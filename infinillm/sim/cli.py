@@ -36,8 +36,9 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--trace", default="mixed",
                    help="short, long, mixed, or a .jsonl file of {arrival_s, prompt_tokens, "
                         "output_tokens} lines (default: mixed)")
-    p.add_argument("--policy", default="lending", help="lending, multi or single "
-                                                       "(default: lending)")
+    p.add_argument("--policy", default="lending",
+                   help="lending (reactive), proactive (lending with proactive placement), "
+                        "multi or single (default: lending)")
     p.add_argument("--num-requests", type=int, default=None,
                    help="requests to generate (default: 1000; for a file, all of it)")
     p.add_argument("--rate", type=float, default=None,

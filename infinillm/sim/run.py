@@ -4,8 +4,11 @@
     result = simulate(setup, make_trace("mixed", 1000, rate=8.0, seed=0), slo=(10.0, 0.2))
 
 Policies (the paper's systems, same devices each):
-- `lending`: `instances` instances, one device each, pooling KV (borrowing, DistAttention,
-  recall);
+- `lending`: `instances` instances, one device each, pooling KV reactively (borrowing,
+  DistAttention, recall);
+- `proactive`: the same pool under proactive placement (`placement="proactive"`: admission
+  local first, KV moved off instances whose queue
+  cannot start, by fitted step-time models; cluster/placement.py);
 - `multi`: the same instances, each keeping its KV to itself ("vLLM-multi"), a new request
   routed by the engine's own rule (`intake.route`) to the one with the most free blocks net of
   its queue: as in the paper's baseline, independent servers;
@@ -52,7 +55,7 @@ from infinillm.sim.models import sim_model_folder
 from infinillm.sim.traces import TraceRequest, percentile
 from infinillm.types import SamplingParams
 
-POLICIES = ("lending", "multi", "single")
+POLICIES = ("lending", "proactive", "multi", "single")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +98,8 @@ def build_sim_engine(setup: SimSetup) -> ClusterEngine:
         blocks *= setup.instances
     config = Config.from_kwargs(
         model=str(folder), executor="sim", sim_device=profile.name, dtype=setup.dtype,
-        num_instances=num_instances, lending=setup.policy == "lending",
+        num_instances=num_instances, lending=setup.policy in ("lending", "proactive"),
+        placement="proactive" if setup.policy == "proactive" else "reactive",
         block_size=setup.block_size, kv_blocks_per_instance=blocks,
         max_num_seqs=setup.max_num_seqs, max_num_batched_tokens=setup.max_num_batched_tokens,
         **setup.extra)

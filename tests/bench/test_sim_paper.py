@@ -68,13 +68,15 @@ def test_summaries_follow_the_runs(report):
 
 def test_longest_context_pools_with_lending_only(report):
     rows = {r["policy"]: r for r in report["context"]}
-    assert [r["instances"] for r in report["context"]] == [2, 2, 2]
+    assert [r["instances"] for r in report["context"]] == [2, 2, 2, 2]
     one = rows["multi"]["longest_tokens"]  # no pooling: one instance's pool
     assert one > 0 and rows["multi"]["ratio_vs_multi"] == 1.0
     # lending pools both pools but the share each lender keeps (max_lent_fraction 0.9)
     assert rows["lending"]["longest_tokens"] == pytest.approx(1.9 * one, rel=0.01)
     assert rows["lending"]["ratio_vs_multi"] == pytest.approx(
         rows["lending"]["longest_tokens"] / one)
+    # placement changes where KV lives, not how much of it one request may have
+    assert rows["proactive"]["longest_tokens"] == rows["lending"]["longest_tokens"]
     assert rows["single"]["longest_tokens"] > 2 * one  # one copy of the weights over 2 GPUs
     assert all(r["served"] is None for r in rows.values())  # --no-serve
 
@@ -104,29 +106,29 @@ def _fake(sweep: RateSweep, index: int, tok_s: tuple[float, ...],
 def test_the_grid_doubles_until_throughput_stops_growing():
     sweep = RateSweep("short", 8, Job("rate", "m", "d", 8, ""), [1.0], max_rates=8)
     assert len(sweep.jobs(0)) == len(POLICIES)
-    assert _fake(sweep, 0, (10, 9, 8))[0].rate == 2.0
-    assert [j.policy for j in _fake(sweep, 1, (19, 9, 8))] == list(POLICIES)
-    assert _fake(sweep, 2, (19.5, 19.9, 8)) == []  # best 19.9 < 1.05 x 19
+    assert _fake(sweep, 0, (10, 10, 9, 8))[0].rate == 2.0
+    assert [j.policy for j in _fake(sweep, 1, (19, 19, 9, 8))] == list(POLICIES)
+    assert _fake(sweep, 2, (19.5, 19.5, 19.9, 8)) == []  # best 19.9 < 1.05 x 19
     assert sweep.rates == [1.0, 2.0, 4.0] and "grew < 5%" in sweep.stop_reason
 
 
 def test_the_grid_stops_at_saturated_slo_and_at_its_cap():
     sweep = RateSweep("long", 8, Job("rate", "m", "d", 8, ""), [1.0], max_rates=8)
-    assert _fake(sweep, 0, (10, 9, 8))
-    assert _fake(sweep, 1, (20, 18, 16), slo=0.4) == []
+    assert _fake(sweep, 0, (10, 10, 9, 8))
+    assert _fake(sweep, 1, (20, 20, 18, 16), slo=0.4) == []
     assert "SLO attainment" in sweep.stop_reason and sweep.rates == [1.0, 2.0]
     capped = RateSweep("long", 8, Job("rate", "m", "d", 8, ""), [1.0], max_rates=2)
-    assert _fake(capped, 0, (1, 1, 1))
-    assert _fake(capped, 1, (5, 5, 5)) == [] and capped.rates == [1.0, 2.0]
+    assert _fake(capped, 0, (1, 1, 1, 1))
+    assert _fake(capped, 1, (5, 5, 5, 5)) == [] and capped.rates == [1.0, 2.0]
 
 
 def test_a_saturated_start_steps_down_until_a_policy_meets_the_slo():
     sweep = RateSweep("mixed", 32, Job("rate", "m", "d", 32, ""), [8.0], max_rates=8)
-    assert _fake(sweep, 0, (10, 9, 8), slo=(0.3, 0.2, 0.1))[0].rate == 4.0
-    assert _fake(sweep, 1, (10, 9, 8), slo=(0.8, 0.6, 0.1))[0].rate == 2.0  # 0.8 < 0.9
-    assert _fake(sweep, 2, (9, 9, 8), slo=(0.95, 0.7, 0.3)) == []
+    assert _fake(sweep, 0, (10, 10, 9, 8), slo=(0.3, 0.3, 0.2, 0.1))[0].rate == 4.0
+    assert _fake(sweep, 1, (10, 10, 9, 8), slo=(0.8, 0.8, 0.6, 0.1))[0].rate == 2.0  # 0.8 < 0.9
+    assert _fake(sweep, 2, (9, 9, 9, 8), slo=(0.95, 0.95, 0.7, 0.3)) == []
     assert sweep.rates == [8.0, 4.0, 2.0] and sweep.stop_reason.startswith("down")
-    assert [r["rate"] for r in sweep.results()][::3] == [2.0, 4.0, 8.0]
+    assert [r["rate"] for r in sweep.results()][::len(POLICIES)] == [2.0, 4.0, 8.0]
 
 
 def test_quick_and_full_presets_and_the_slo_default():

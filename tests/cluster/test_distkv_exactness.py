@@ -138,3 +138,17 @@ def test_random_migrations_between_steps_keep_tokens_exact(tiny_llama, reference
         engine.check_integrity()
     assert moved > 20
     assert [done[i] for i in ids] == reference(batch)
+
+
+
+def test_proactive_placement_keeps_tokens_exact(tiny_llama, reference):
+    """Under proactive placement KV of long requests moves off instances whose queue cannot
+    start; tokens stay those of one instance holding everything."""
+    batch = prompts([50, 10, 40, 12, 8, 44, 30, 6, 9], seed=7)
+    llm = LLM(tiny_llama, block_size=4, kv_blocks_per_instance=20, num_instances=3,
+              max_num_batched_tokens=16, placement="proactive")
+    assert run_checked(llm, batch) == reference(batch)
+    placement = llm.engine.rebalancer.placement
+    assert placement.num_moves > 0
+    stats = llm.cluster_stats()
+    assert stats["placement"] == "proactive" and stats["placement_moves"] == placement.num_moves

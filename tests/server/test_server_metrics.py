@@ -48,9 +48,12 @@ def test_metrics_cover_requests_latency_and_the_cluster(served):
 def test_cluster_ledger_and_health(served):
     stats = served.cluster()
     assert stats["lending"] is True and stats["block_size"] == 16
+    assert stats["placement"] == "reactive" and stats["placement_moves"] == 0
     assert [i["instance"] for i in stats["instances"]] == [0, 1]
     for inst in stats["instances"]:
         assert inst["free_blocks"] + inst["used_blocks"] + inst["lent_blocks"] \
             == inst["total_blocks"] == 48
+        model = inst["step_model"]  # fitted from the engine's own steps
+        assert model["records"] >= 0 and model["fitted"] == bool(model["weights_s"])
     health = httpx.get(f"{served.url}/health", timeout=60)
     assert health.status_code == 200 and health.json() == {"status": "ok"}

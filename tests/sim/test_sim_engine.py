@@ -41,8 +41,9 @@ def small(policy: str, **kw) -> SimSetup:
                     max_num_seqs=8, max_num_batched_tokens=64, **kw)
 
 
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10**6), policy=st.sampled_from(["lending", "multi", "single"]),
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6),
+       policy=st.sampled_from(["lending", "proactive", "multi", "single"]),
        loop=st.sampled_from(["lockstep", "async"]))
 def test_every_step_conserves_blocks_and_every_request_gets_its_tokens(seed, policy, loop):
     # prompts up to 600 tokens: beyond one pool of 24 x 16 = 384, within the cluster's
@@ -65,7 +66,7 @@ def test_every_step_conserves_blocks_and_every_request_gets_its_tokens(seed, pol
         else:  # cut short: only without lending, a request outgrowing its pool
             assert policy == "multi" and req.prompt_tokens + req.output_tokens > 24 * 16
     assert engine.num_free_blocks() == [engine.num_blocks_per_instance] * len(engine.instances)
-    if policy == "lending":
+    if policy in ("lending", "proactive"):
         assert engine.cluster_stats()["debts"] == []
 
 
@@ -153,7 +154,7 @@ def test_simulate_command_prints_a_table_and_one_json_line(capsys, tmp_path):
     ("--model", "gpt-9", "llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3-70b"),
     ("--device", "b200", "a100-80gb, h100-80gb, h200-141gb, cpu"),
     ("--trace", "medium", "'short', 'long', 'mixed'"),
-    ("--policy", "best", "lending, multi, single")])
+    ("--policy", "best", "lending, proactive, multi, single")])
 def test_simulate_rejects_unknown_names_with_the_valid_ones(capsys, flag, value, valid):
     assert main(["simulate", flag, value, "--num-requests", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
