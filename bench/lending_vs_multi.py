@@ -29,7 +29,9 @@ plus its slowest instance), what N devices running the synchronous cluster step 
 would take (transfers not counted; a holder's micro-attention counts on its owner, where it
 runs in process; on this machine the instances of a step run one after another, so measured
 time is the sum of all instances' work). Also: requests completed / cut short / refused,
-preemptions, the most blocks on loan at once, remote attention traffic, steps, the tokens the
+preemptions, the most blocks on loan at once, remote attention traffic, the blocks moved
+between instances and the share of the step time their copies took ("move %": what the
+per-step move budget costs here), steps, the tokens the
 workers ran beyond each served prompt and output once ("recomputed tok", the cost of
 preemption), the requests the router queued on each instance at submission ("routed"), the mean
 number of instances with running requests per step ("busy inst") and of instances with requests
@@ -86,10 +88,13 @@ class StepTotals:
 
     def __init__(self) -> None:
         self.steps = self.computed_tokens = self.busy = self.starved = self.max_borrowed = 0
-        self.seconds = self.parallel_seconds = 0.0
+        self.moved_blocks = 0
+        self.seconds = self.parallel_seconds = self.move_seconds = 0.0
 
-    def add(self, record, instances: list[dict]) -> None:
+    def add(self, record, instances: list[dict], move_seconds: float) -> None:
         self.steps += 1
+        self.moved_blocks += record.num_moves
+        self.move_seconds += move_seconds  # measured copies of the moves before the step
         self.seconds += record.seconds
         self.parallel_seconds += record.parallel_seconds()
         self.computed_tokens += record.num_tokens  # prefill, decode and recompute
@@ -116,7 +121,7 @@ def run(llm, requests: list[Arrival]) -> dict:
         for o in engine.step():
             if o.finished:
                 outputs[ids[o.request_id]] = list(o.outputs[0].token_ids)
-        totals.add(engine.last_step, llm.cluster_stats()["instances"])
+        totals.add(engine.last_step, llm.cluster_stats()["instances"], engine.last_move_seconds)
     engine.check_integrity()
     counters = counter_deltas(before, check_pools_whole(llm), COUNTERS)
     return summarize_run(requests, outputs, totals, counters, refused, queued)
@@ -138,6 +143,8 @@ def summarize_run(requests: list[Arrival], outputs: dict[int, list[int]], totals
             "served_prompt_tokens": served_prompt, "submitted": len(requests),
             "completed": completed, "cut_short": len(outputs) - completed, "refused": refused,
             **counters, "max_borrowed_blocks": totals.max_borrowed, "steps": totals.steps,
+            "moved_blocks": totals.moved_blocks, "move_seconds": totals.move_seconds,
+            "move_share": totals.move_seconds / totals.seconds if totals.seconds else 0.0,
             "queued_per_instance": queued, "mean_busy_instances": totals.busy / steps,
             "mean_lending_while_waiting": totals.starved / steps, "outputs": outputs}
 
@@ -213,6 +220,7 @@ def _row(r: dict) -> dict:
             "recomputed tok": r["recomputed_tokens"],
             "max borrowed": r["max_borrowed_blocks"],
             "remote MB": round(r["remote_bytes"] / 1e6, 1),
+            "moved": r["moved_blocks"], "move %": round(100 * r["move_share"], 2),
             "steps": r["steps"], "routed": "/".join(map(str, r["queued_per_instance"])),
             "busy inst": round(r["mean_busy_instances"], 2),
             "lend+wait inst": round(r["mean_lending_while_waiting"], 2)}

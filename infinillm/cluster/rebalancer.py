@@ -12,9 +12,12 @@ the schedulers'. What needs the whole cluster is decided here, before the schedu
   two-instance debt cycles (A holds B's blocks while B holds A's, so each side reads locally),
   recall that brings borrowed blocks home to owners with room (keeping a headroom free for their
   own growth), and reclaims that empty a creditor whose own queue needs the blocks it lent
-  (each block goes to the roomiest other instance). `plan_migration` is the same move primitive
-  offered to callers. Moves are planned here (destinations reserved), copied by the data plane,
-  then switched by `GManager.apply_moves`.
+  (each block goes to the roomiest other instance). Under proactive placement the swaps stay,
+  and recall (for owners with no queue only) and reclaims give way to `Placement`
+  (placement.py): KV moved off instances whose queue head cannot start, gated by the
+  instances' step-time models. `plan_migration` is the same move primitive offered to callers.
+  Moves are planned here (destinations reserved), copied by the data plane, then switched by
+  `GManager.apply_moves`.
 
 Plain Python over ids and Request records; no tensors, no schedulers: decisions are returned
 to the engine, which applies them.
