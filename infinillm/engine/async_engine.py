@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
 from infinillm.engine.engine import ClusterEngine
+from infinillm.engine.memory import MemoryTrimmer
 from infinillm.types import RequestId, RequestOutput, SamplingParams
 
 logger = logging.getLogger("infinillm")
@@ -43,8 +44,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: ClusterEngine) -> None:
+    """`trim_interval_s`: how often the engine thread hands freed native memory back to the
+    system (engine/memory.py); None never."""
+
+    def __init__(self, engine: ClusterEngine, trim_interval_s: float | None = 30.0) -> None:
         self.engine = engine
+        self._trimmer = MemoryTrimmer(trim_interval_s) if trim_interval_s else None
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = False
@@ -87,6 +92,8 @@ class AsyncEngine:
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                if self._trimmer is not None:
+                    self._trimmer.maybe_trim()
         except BaseException as e:  # an engine bug: report it to every waiting client
             logger.exception("engine loop failed")
             self.error = e
