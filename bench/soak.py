@@ -1,7 +1,8 @@
 """Does the server stay healthy under a long mixed load? A soak of `infinillm serve`.
 
     python -m bench.soak [--duration 600] [--clients 64] [--instances 2] [--kv-blocks 48]
-        [--prompt-len 16-128] [--output-len 4-32] [--warmup 60] [--sample-every 5]
+        [--prompt-len 16-128] [--long-prompt-len 700-1000] [--long-share 0.1]
+        [--output-len 4-32] [--warmup 60] [--sample-every 5]
         [--hang-s 300] [--model PATH] [--plot docs/img/soak.png] [--seed 0]
 
 The server runs as a subprocess (bench.lib.servers) with small pools, so that lending is under
@@ -10,8 +11,9 @@ pressure. `--clients` concurrent clients each send one request after another unt
 huge n / max_tokens, deep nesting, invalid UTF-8, wrong method or content type; one every
 `--hostile-gap-s` seconds each), a third leave every stream after a random number of chunks,
 and the rest read every stream to its end (seeded greedy completions of random token ids with
-ignore_eos, bench.lib.http_load). Then no new request is sent, the streams in flight end, and
-the script waits for every pool to be full again.
+ignore_eos, bench.lib.http_load); `--long-share` of them have a prompt longer than one pool
+(`--long-prompt-len`), which its owner must borrow blocks for. Then no new request is sent,
+the streams in flight end, and the script waits for every pool to be full again.
 
 Every `--sample-every` seconds it records the server process's RSS and open file descriptors
 (/proc), the blocks in use and lent (/v1/cluster), and the latency of the streams completed
@@ -93,8 +95,9 @@ def roles(num_clients: int) -> list[str]:
 async def stream_client(client: httpx.AsyncClient, model: str, role: str, rng: random.Random,
                         args, vocab: int, t0: float, stop: asyncio.Event, tally: Tally) -> None:
     while not stop.is_set():
+        lengths = args.long_prompt_len if rng.random() < args.long_share else args.prompt_len
         prompt = [rng.randrange(MIN_REGULAR_TOKEN_ID, vocab)
-                  for _ in range(rng.randint(*args.prompt_len))]
+                  for _ in range(rng.randint(*lengths))]
         max_new = rng.randint(*args.output_len)
         rec = StreamRecord(Arrival(time.perf_counter() - t0, prompt, max_new))
         leave = rng.randint(1, max(1, max_new - 1)) if role == "leaving" else None
@@ -346,6 +349,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--instances", type=int, default=2)
     ap.add_argument("--kv-blocks", type=int, default=48, help="blocks per instance (16 tokens)")
     ap.add_argument("--prompt-len", default="16-128", help="prompt tokens, uniform range")
+    ap.add_argument("--long-prompt-len", default="700-1000",
+                    help="prompt tokens of the long requests (one pool holds 16 x --kv-blocks)")
+    ap.add_argument("--long-share", type=float, default=0.1, help="share of long requests")
     ap.add_argument("--output-len", default="4-32", help="max_tokens, uniform range")
     ap.add_argument("--warmup", type=float, default=60.0, help="seconds before RSS is compared")
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
@@ -360,6 +366,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--stop-timeout", type=float, default=30.0)
     args = ap.parse_args()
     args.prompt_len, args.output_len = parse_range(args.prompt_len), parse_range(args.output_len)
+    args.long_prompt_len = parse_range(args.long_prompt_len)
     if args.duration <= 0 or args.clients < 1 or args.instances < 1 or args.sample_every <= 0:
         ap.error(f"need duration > 0, clients >= 1, instances >= 1, sample-every > 0, got "
                  f"{args.duration}, {args.clients}, {args.instances}, {args.sample_every}")
