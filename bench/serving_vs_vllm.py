@@ -40,7 +40,7 @@ from bench.lib.http_load import run_load, summarize_streams, texts, wait_idle
 from bench.lib.report import emit_json, machine_info, other_benchmarks, print_table
 from bench.lib.servers import Server, ServerSpec, free_port
 from bench.lib.vllm import VLLM_ENV, api_server_command, have_vllm
-from bench.lib.workloads import make_workload
+from bench.lib.workloads import make_workload, parse_range
 
 BUSY_METRICS = {
     "infinillm": ("infinillm_num_requests_running_all", "infinillm_num_requests_waiting_all"),
@@ -195,19 +195,11 @@ def parse_args() -> argparse.Namespace:
         ap.error(f"--systems takes infinillm and/or vllm, got {args.systems}")
     args.instances = [int(n) for n in args.instances.split(",")]
     args.rates = [float(r) for r in args.rates.split(",")]
-    args.input_len, args.output_len = _range(args.input_len), _range(args.output_len)
+    args.input_len, args.output_len = parse_range(args.input_len), parse_range(args.output_len)
     if min(args.instances) < 1 or min(args.rates) <= 0 or args.num_requests < 1:
         ap.error(f"need instances >= 1, rates > 0, num-requests >= 1, got "
                  f"{args.instances}, {args.rates}, {args.num_requests}")
     return args
-
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    lo, hi = int(lo), int(hi or lo)
-    if not 1 <= lo <= hi:
-        raise ValueError(f"a length range is LO-HI with 1 <= LO <= HI, got {text!r}")
-    return lo, hi
 
 
 def resolve_model(model: str | None) -> str:

@@ -6,6 +6,8 @@ Contract:
 - `run_load` sends each request of a workload (`workloads.Arrival`) at its time after the start,
   streaming, and stops at `duration_cap` seconds: requests still streaming then are cancelled
   ("cut"; the server sees the client leave), requests not sent yet are never sent ("unsent").
+  `send_one(..., leave_after=k)` is one request whose client leaves after k text chunks (also
+  "cut").
 - Times in a `StreamRecord` are seconds from the start of the run. TTFT = first chunk with text -
   send; TPOT = (end - first text) / (output tokens - 1), with end when `[DONE]` arrives; latency
   = end - send. Output tokens are the server's `usage`. Percentiles: `metrics.percentile`.
@@ -65,7 +67,11 @@ def completion_body(model: str, req: Arrival) -> dict:
             "stream_options": {"include_usage": True}}
 
 
-async def send_one(client: httpx.AsyncClient, model: str, rec: StreamRecord, t0: float) -> None:
+async def send_one(client: httpx.AsyncClient, model: str, rec: StreamRecord, t0: float,
+                   leave_after: int | None = None) -> None:
+    """Send `rec`'s request at its time and read its stream; with `leave_after`, the client
+    leaves (closes the connection) once that many text chunks have come, and the record stays
+    "cut"."""
     await asyncio.sleep(max(0.0, t0 + rec.request.at_s - time.perf_counter()))
     rec.sent_s = time.perf_counter() - t0
     try:
@@ -77,6 +83,8 @@ async def send_one(client: httpx.AsyncClient, model: str, rec: StreamRecord, t0:
             async for line in resp.aiter_lines():
                 if _on_event(rec, line, t0):
                     break
+                if leave_after is not None and rec.num_chunks >= leave_after:
+                    return
     except (httpx.HTTPError, ValueError) as e:  # ValueError: an event that is not JSON
         rec.error = f"{type(e).__name__}: {e}"
         return

@@ -169,6 +169,15 @@ def _arrive(prompts: list[list[int]], news: list[int], rng: random.Random,
     return arrivals
 
 
+def parse_range(text: str) -> tuple[int, int]:
+    """A length range from the command line: "LO-HI", or "N" for N-N."""
+    lo, _, hi = text.partition("-")
+    lo, hi = int(lo), int(hi or lo)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"a length range is LO-HI with 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def _check_range(name: str, bounds: tuple[int, int]) -> None:
     lo, hi = bounds
     if not 1 <= lo <= hi:

@@ -12,6 +12,14 @@ cluster's stats are published by the engine thread after each step.
 
 If the consumer stops iterating (a client disconnects, the task is cancelled), the request is
 aborted and its blocks, local and lent, are freed before the next step.
+
+Threads: the map from request id to its client's queue is shared by the event loop (register,
+abort) and the engine thread (deliver, fail). One lock guards it together with the `closed` flag,
+and every access is a single get / pop-if-present inside that lock, so an abort that lands while
+an output is being delivered costs nothing but a dropped output. Registration checks `closed` in
+the same critical section in which the failure path sets it: a request is either registered
+before the engine fails (and gets the failure as its error) or refused with EngineDeadError;
+it never waits on a queue that nobody will fill.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
 from infinillm.engine.engine import ClusterEngine
+from infinillm.engine.memory import MemoryTrimmer
 from infinillm.types import RequestId, RequestOutput, SamplingParams
 
 logger = logging.getLogger("infinillm")
@@ -35,12 +44,18 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: ClusterEngine) -> None:
+    """`trim_interval_s`: how often the engine thread hands freed native memory back to the
+    system (engine/memory.py); None never."""
+
+    def __init__(self, engine: ClusterEngine, trim_interval_s: float | None = 30.0) -> None:
         self.engine = engine
+        self._trimmer = MemoryTrimmer(trim_interval_s) if trim_interval_s else None
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = False
+        self._lock = threading.Lock()  # guards _queues and _closed (see the module docstring)
         self._queues: dict[RequestId, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = False  # set once by _fail_all; no queue is registered afterwards
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stats: dict = engine.cluster_stats()
@@ -63,7 +78,8 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return (self.error is None and not self._closed and self._thread is not None
+                and self._thread.is_alive())
 
     def _loop(self) -> None:
         try:
@@ -76,6 +92,8 @@ class AsyncEngine:
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                if self._trimmer is not None:
+                    self._trimmer.maybe_trim()
         except BaseException as e:  # an engine bug: report it to every waiting client
             logger.exception("engine loop failed")
             self.error = e
@@ -96,24 +114,19 @@ class AsyncEngine:
         self._wake.set()
 
     def _deliver(self, out: RequestOutput) -> None:
-        target = self._queues.get(out.request_id)
-        if target is None:
-            return
-        if out.finished:
-            del self._queues[out.request_id]
-        loop, queue = target
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
-        except RuntimeError:  # the event loop is closed: nobody is listening
-            pass
+        rid, finished = out.request_id, out.finished
+        with self._lock:
+            target = self._queues.pop(rid, None) if finished else self._queues.get(rid)
+        if target is not None:  # None: the client left (abort) before this output
+            _post(target, out)
 
     def _fail_all(self, error: BaseException) -> None:
-        for loop, queue in list(self._queues.values()):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, error)
-            except RuntimeError:
-                pass
-        self._queues.clear()
+        with self._lock:
+            self._closed = True
+            targets = list(self._queues.values())
+            self._queues.clear()
+        for target in targets:
+            _post(target, error)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -122,15 +135,24 @@ class AsyncEngine:
         """Validate and queue a request (call from the event loop). ValueError for bad input
         and EngineDeadError when the loop is not running; nothing is queued then."""
         if not self.healthy:
-            raise EngineDeadError("the engine is not running")
+            raise self._dead_error()
         prepared = self.engine.prepare(prompt, params)  # reads config only: thread-safe
         rid = RequestId(request_id if request_id is not None else f"req-{next(self._ids)}")
-        if rid in self._queues:
-            raise ValueError(f"request id {rid!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = (asyncio.get_running_loop(), queue)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._closed:
+                raise self._dead_error()
+            if rid in self._queues:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._queues[rid] = (loop, queue)
         self._submit(lambda: self.engine.add_prepared(prepared, rid))
         return rid, queue
+
+    def _dead_error(self) -> EngineDeadError:
+        if self.error is not None:
+            return EngineDeadError(f"the engine loop failed: {self.error!r}")
+        return EngineDeadError("the engine is not running")
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -156,7 +178,8 @@ class AsyncEngine:
 
     def abort(self, request_id: RequestId) -> None:
         """Abort a request before the next step; returns at once."""
-        self._queues.pop(request_id, None)
+        with self._lock:
+            self._queues.pop(request_id, None)
         self._submit(lambda: self.engine.abort_request(request_id))
 
     # ---- inspection -----------------------------------------------------------------------
@@ -183,3 +206,12 @@ class AsyncEngine:
 
     def check_integrity(self) -> None:
         self.call(lambda engine: engine.check_integrity())
+
+
+def _post(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item: object) -> None:
+    """Put `item` on a client's queue from any thread."""
+    loop, queue = target
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # the event loop is closed: nobody is listening
+        pass

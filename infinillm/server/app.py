@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -39,6 +40,8 @@ from infinillm.engine import AsyncEngine, EngineDeadError
 from infinillm.server import protocol as P
 from infinillm.server.metrics import CONTENT_TYPE, RequestCounter, ServerMetrics
 from infinillm.types import RequestOutput, SamplingParams
+
+logger = logging.getLogger("infinillm")
 
 MAX_BODY_BYTES = 32 << 20
 ENDPOINTS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/cluster",
@@ -154,11 +157,11 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
         req = await self._parse(request, P.CompletionRequest)
-        prompts = [await self._encode(p, "prompt") for p in req.prompts()]
         n = req.num_choices
-        if len(prompts) * n > P.MAX_CHOICES:
-            raise P.APIError(400, f"{len(prompts)} prompts x n={n} choices; at most "
+        if len(req.prompts()) * n > P.MAX_CHOICES:  # before tokenizing any of them
+            raise P.APIError(400, f"{len(req.prompts())} prompts x n={n} choices; at most "
                              f"{P.MAX_CHOICES} in all", param="n")
+        prompts = [await self._encode(p, "prompt") for p in req.prompts()]
         rid = f"cmpl-{uuid.uuid4().hex}"
         params = [self._params(req, ids, req.max_tokens or 16, i)
                   for ids in prompts for i in range(n)]
@@ -232,6 +235,10 @@ class OpenAIServer:
             req = model.model_validate_json(body)
         except ValidationError as e:
             raise P.validation_error(e) from None
+        if req.model_extra:  # accepted and ignored; named in the log to help find typos
+            names = sorted(req.model_extra)
+            logger.warning("ignored %d unknown request field(s): %s", len(names),
+                           ", ".join(repr(name[:40]) for name in names[:8]))
         if req.model is not None and req.model not in self.names:
             raise P.APIError(404, f"model {req.model!r} is not served here; this server serves "
                              f"{self.model_name!r}", param="model", code="model_not_found")
@@ -251,14 +258,19 @@ class OpenAIServer:
         tok = self.tokenizer
         add_special = isinstance(prompt, str)  # a chat template places the special tokens
         if not add_special:
+            # The template only adds text: check the messages' own length before rendering.
+            self._check_chars(sum(len(m["content"]) for m in prompt), param)
             try:
                 prompt = tok.apply_chat_template(prompt)
             except ValueError as e:
                 raise P.APIError(400, str(e), param=param) from None
-        if len(prompt) > self.max_model_len * self._max_token_chars:
-            raise P.APIError(400, f"prompt has {len(prompt)} characters, more than the model's "
-                             f"context of {self.max_model_len} tokens can hold", param=param)
+        self._check_chars(len(prompt), param)
         return tok.encode(prompt, add_special_tokens=add_special)
+
+    def _check_chars(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_model_len * self._max_token_chars:
+            raise P.APIError(400, f"prompt has {num_chars} characters, more than the model's "
+                             f"context of {self.max_model_len} tokens can hold", param=param)
 
     def _params(self, req: P.SamplingRequest, ids: list[int], max_tokens: int,
                 index: int) -> SamplingParams:

@@ -1,12 +1,15 @@
 """The OpenAI API's request and response bodies, as pydantic models.
 
 Requests are validated strictly (`model_validate_json(..., strict)`): a JSON string is not a
-number, `true` is not 1, NaN and infinities are refused, and unknown fields are refused (the
-server turns every `ValidationError` into HTTP 400 with the field in `param`). Fields of the
-OpenAI API that we accept but do not implement (penalties, logit_bias, logprobs, echo, ...) are
-declared so that their neutral values pass and anything else fails with a clear message. Four
-vLLM extensions are accepted: `top_k`, `ignore_eos`, `stop_token_ids`,
-`include_stop_str_in_output`.
+number, `true` is not 1, NaN and infinities are refused (the server turns every
+`ValidationError` into HTTP 400 with the field in `param` and the offending value in the
+message). JSON nested deeper than the parser's recursion limit (a few hundred levels) is
+malformed JSON. Unknown top-level fields are accepted and ignored (kept in `model_extra` only
+so that the server can log their names), as OpenAI-compatible clients send fields of newer API
+versions and of other servers. Fields of the OpenAI API that we accept but
+do not implement (penalties, logit_bias, logprobs, echo, ...) are declared so that their
+neutral values pass and anything else fails with a clear message. Four vLLM extensions are
+accepted: `top_k`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`.
 
 Responses follow the OpenAI shapes field for field (`null` where OpenAI sends null), so that the
 official client parses them.
@@ -19,6 +22,7 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from infinillm.types import SamplingParams
 
@@ -51,7 +55,7 @@ def validation_error(error: ValidationError) -> APIError:
     problems = error.errors(include_url=False)
     if any(p["type"] == "json_invalid" for p in problems):
         return APIError(400, f"malformed JSON body: {problems[0]['msg']}", code="invalid_json")
-    locs = [tuple(p["loc"]) for p in problems]
+    locs = [_loc(p) for p in problems]
     common: list[Any] = []
     for parts in zip(*locs):
         if len(set(parts)) != 1:
@@ -59,12 +63,31 @@ def validation_error(error: ValidationError) -> APIError:
         common.append(parts[0])
     param = ".".join(str(x) for x in common) or None
     lines = []
-    for p in problems[:3]:
-        where = ".".join(str(x) for x in p["loc"]) or "body"
+    for p, loc in zip(problems[:3], locs):
+        if p["type"] == UNSUPPORTED:  # the message names the field and its value
+            lines.append(p["msg"])
+            continue
+        where = ".".join(str(x) for x in loc) or "body"
         got = "" if p["type"] == "missing" else f" (got {_short(p.get('input'))})"
         lines.append(f"{where}: {p['msg']}{got}")
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
     return APIError(400, "; ".join(lines) + more, param=param)
+
+
+def _loc(problem: dict) -> tuple:
+    param = (problem.get("ctx") or {}).get("param")
+    return (param,) if param is not None else tuple(problem["loc"])
+
+
+UNSUPPORTED = "unsupported_value"
+
+
+def unsupported(param: str, value: Any, message: str) -> PydanticCustomError:
+    """A request-level check's error that names its field (`param`) and the value; raise it from
+    a model validator (whose errors would otherwise point at the whole body)."""
+    # The template is formatted with the context: only "{param}" is replaced, braces stay.
+    text = f"{param} {message} (got {_short(value)})"
+    return PydanticCustomError(UNSUPPORTED, text, {"param": param})
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -75,10 +98,11 @@ def _short(value: Any, limit: int = 80) -> str:
 # ---- requests ------------------------------------------------------------------------------
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(RequestModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None  # vLLM's; accepted, ignored
 
@@ -108,13 +132,15 @@ class SamplingRequest(RequestModel):
     def _unsupported(self) -> SamplingRequest:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported (only 0)")
+                raise unsupported(name, getattr(self, name), "is not supported (only 0)")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise unsupported("logit_bias", self.logit_bias, "is not supported")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
-            raise ValueError(f"stop has {len(self.stop)} strings; at most {MAX_STOP}")
+            raise unsupported("stop", f"{len(self.stop)} strings",
+                              f"takes at most {MAX_STOP} strings")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise unsupported("stream_options", self.stream_options.model_dump(exclude_none=True),
+                              "is only allowed when stream is true")
         return self
 
     @property
@@ -156,13 +182,13 @@ class CompletionRequest(SamplingRequest):
     @model_validator(mode="after")
     def _unsupported_completion(self) -> CompletionRequest:
         if self.echo:
-            raise ValueError("echo is not supported")
+            raise unsupported("echo", self.echo, "is not supported")
         if self.logprobs:
-            raise ValueError("logprobs is not supported")
+            raise unsupported("logprobs", self.logprobs, "is not supported")
         if self.best_of not in (None, self.num_choices):
-            raise ValueError("best_of is not supported (only equal to n)")
+            raise unsupported("best_of", self.best_of, "is not supported (only equal to n)")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise unsupported("suffix", self.suffix, "is not supported")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -207,12 +233,15 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _unsupported_chat(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs is not supported")
+        for name in ("logprobs", "top_logprobs"):
+            if getattr(self, name):
+                raise unsupported(name, getattr(self, name), "is not supported")
         if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format is not supported (only {'type': 'text'})")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools are not supported")
+            raise unsupported("response_format", self.response_format,
+                              "is not supported (only {'type': 'text'})")
+        for name, neutral in (("tools", (None, [])), ("tool_choice", (None, "none"))):
+            if getattr(self, name) not in neutral:
+                raise unsupported(name, getattr(self, name), "is not supported")
         return self
 
     @property
