@@ -20,7 +20,7 @@ from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel, ModelArch, load_state_dict
 from infinillm.runtime.fabric import FabricStats, InProcFabric
 from infinillm.runtime.worker import Worker
-from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
+from infinillm.types import BlockMove, InstanceId, StepPlan, StepResult
 
 
 class InstanceLost(RuntimeError):
@@ -42,6 +42,7 @@ class InstanceSpec:
     block_size: int
     device: str
     attention_backend: str = "auto"  # a name of infinillm.attention.backend_names()
+    eos_token_ids: frozenset[int] = frozenset()  # what min_tokens keeps from being sampled
 
 
 def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
@@ -54,16 +55,7 @@ def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
     arch = spec.arch
     storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks,
                         spec.block_size, spec.dtype, spec.device)
-    return Worker(iid, model, storage, attention, fabric)
-
-
-@dataclass(slots=True)
-class StepResult:
-    """What an executor returns for one step: the sampled token of every request that
-    sampled, and each instance's execute seconds (measured, or modelled by a simulator)."""
-
-    sampled: dict[RequestId, int]
-    seconds: dict[InstanceId, float]
+    return Worker(iid, model, storage, attention, fabric, spec.eos_token_ids)
 
 
 class Executor(ABC):
@@ -109,7 +101,7 @@ class InProcExecutor(Executor):
         result = StepResult({}, {})
         for plan in plans:
             started = time.perf_counter()
-            result.sampled.update(self.workers[plan.instance_id].execute(plan))
+            result.add(self.workers[plan.instance_id].execute(plan))
             result.seconds[plan.instance_id] = time.perf_counter() - started
         self.fabric.stats.execute_seconds += sum(result.seconds.values())
         return result
