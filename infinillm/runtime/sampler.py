@@ -19,6 +19,8 @@ import torch
 
 from infinillm.types import SamplingParams, TokenLogprobs
 
+LOGIT_BOUND = 1e30  # |logit| after the controls; / 1e-5 stays below float32's 3.4e38
+
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], num_output_tokens: list[int],
            prompt_ids: Sequence[list[int] | None] | None = None,
@@ -55,13 +57,9 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
 
 def _adjust_row(row: torch.Tensor, p: SamplingParams, num_output: int, prompt: list[int],
                 output: list[int], eos_token_ids: Collection[int]) -> None:
-    """Apply `p`'s controls to one row [V] float32 in place."""
+    """Apply `p`'s controls to one row [V] float32 in place. min_tokens' ban comes last here:
+    -inf stays -inf through bias and penalties, so the result is that of vLLM's order."""
     device = row.device
-    if num_output < p.min_tokens:
-        banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_token_ids))
-        banned = [t for t in banned if t < row.shape[0]]
-        if banned:
-            row[torch.tensor(banned, device=device)] = float("-inf")
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), device=device)
         row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype,
@@ -74,6 +72,14 @@ def _adjust_row(row: torch.Tensor, p: SamplingParams, num_output: int, prompt: l
     if (p.frequency_penalty or p.presence_penalty) and output:
         ids, counts = torch.tensor(output, device=device).unique(return_counts=True)
         row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+    # A tiny repetition_penalty can push a logit to +inf, and a softmax over +inf is NaN: keep
+    # every value finite, with room for the smallest temperature (1e-5) to divide it.
+    row.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+    if num_output < p.min_tokens:
+        banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_token_ids))
+        banned = [t for t in banned if t < row.shape[0]]
+        if banned:
+            row[torch.tensor(banned, device=device)] = float("-inf")
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:

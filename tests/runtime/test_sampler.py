@@ -148,3 +148,15 @@ def test_token_logprobs_match_float64_log_softmax():
         values, indices = ref[row].topk(n)
         assert [t for t, _ in entry.top] == indices.tolist()
         assert all(abs(lp - v) < 1e-5 for (_, lp), v in zip(entry.top, values.tolist()))
+
+
+def test_extreme_penalties_keep_sampling_defined():
+    # a repetition_penalty of 1e-300 divides positive logits to +inf: the softmax must not
+    # turn into NaN (which would fail the whole batch)
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    p = SamplingParams(temperature=1e-4, repetition_penalty=1e-300, seed=1)
+    assert sample(logits, [p], [0], [[0, 1, 2]], [[]]) in ([0], [1])
+    # and 1e300 sends positive logits to 0 and negative ones to -inf (bounded): 0 or 1 remain
+    huge = SamplingParams(temperature=0.5, repetition_penalty=1e300, seed=1,
+                          logit_bias={3: -100})
+    assert sample(logits, [huge], [0], [[0, 1, 2, 3]], [[]]) in ([0], [1])
