@@ -1,6 +1,7 @@
 """What logit controls and logprobs cost per step, measured side by side.
 
     python -m bench.sampling_overhead [--batch 32] [--rounds 7] [--steps 24] [--device cpu]
+                                      [--threads N] [--no-steps]
 
 Two parts, each alternating its configurations in every round (ABC CBA ...) so that drift of a
 shared machine cancels; medians over rounds, with the ratio to the baseline of the same round:
@@ -132,7 +133,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-steps", action="store_true", help="the sampler part only")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = bench_sampler(args.batch, args.rounds, args.device)
     if not args.no_steps:
         rows += bench_steps(args.batch // 2, args.rounds, args.steps, args.device)
