@@ -1,9 +1,10 @@
 """infinillm: LLM serving with a KV cache pooled across instances (DistAttention, DistKV)."""
 
-from infinillm.types import CompletionOutput, RequestOutput, SamplingParams
+from infinillm.types import CompletionOutput, RequestOutput, SamplingParams, TokenLogprobs
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "TokenLogprobs",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ around; only the runtime turns them into tensors.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -17,9 +18,22 @@ InstanceId = NewType("InstanceId", int)
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop; the names and defaults follow vLLM.
+    """How to pick tokens and when to stop; the names, defaults and semantics follow vLLM.
 
     temperature 0 (or below 1e-5) means greedy. top_k <= 0 disables top-k; top_p 1.0 disables top-p.
+
+    Logit controls, applied in this order to the logits of every sampled token, before the
+    temperature (as vLLM does): `min_tokens` (EOS and `stop_token_ids` cannot be sampled, and
+    stop strings do not end the request, until that many tokens exist), `logit_bias` (token id
+    -> value in [-100, 100] added to its logit), `repetition_penalty` (> 0; every token of the
+    prompt or the output so far has a positive logit divided by it, a negative one multiplied),
+    `frequency_penalty` and `presence_penalty` (in [-2, 2]; subtracted from the logit of each
+    token of the output so far, once per occurrence and once, as OpenAI defines them).
+
+    `logprobs` (n >= 0) returns, for every generated token, its log-probability and the n most
+    likely tokens'; `prompt_logprobs` (n >= 0) the same for every prompt token but the first.
+    Both are the log-softmax of the model's raw logits, before any control or temperature (vLLM's
+    default "raw_logprobs").
     """
 
     max_tokens: int = 16
@@ -31,6 +45,13 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -55,11 +76,71 @@ class SamplingParams:
         ids = self.stop_token_ids
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {ids!r}")
+        self._check_controls()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+
+    def _check_controls(self) -> None:
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        rep = self.repetition_penalty
+        if not _is_number(rep) or not 0.0 < rep < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rep!r}")
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got "
+                             f"{self.logit_bias!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+            if not _is_number(bias) or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias of token {token} must be a number in [-100, 100], "
+                                 f"got {bias!r}")
 
     @property
     def greedy(self) -> bool:
         # Below this, logits / temperature overflow float32: treat it as greedy (as vLLM does).
         return self.temperature < 1e-5
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logit control is set (the sampler does no work for a row without)."""
+        return bool(self.min_tokens or self.logit_bias or self.repetition_penalty != 1.0
+                    or self.frequency_penalty or self.presence_penalty)
+
+    @property
+    def needs_prompt_ids(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    @property
+    def needs_output_ids(self) -> bool:
+        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty
+                    or self.presence_penalty)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probabilities at one position (log-softmax of the model's raw logits, float32):
+    `token_id` is the token there (sampled, or the prompt's), `top` the `n` most likely tokens
+    as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class RequestStatus(enum.Enum):
@@ -82,6 +163,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when asked for
 
 
 @dataclass(slots=True)
@@ -93,6 +175,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # One per prompt token when asked for; None for the first (nothing precedes it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +189,8 @@ class ScheduledChunk:
     < start_pos + len(token_ids), wherever it lives, and samples a token after
     the last one when `sample` is set, with `params`. A seeded request draws from a generator
     seeded by (seed, num_output_tokens), so its samples do not depend on batching or preemption.
+    The LM head runs on the sampled rows, plus the rows of `prompt_logprob_ids` where a request
+    asked for prompt logprobs (no other request pays for them).
 
     `blocks` is the scheduler's block table itself, not a copy (copying every table every step
     cost O(blocks in the cluster)): a read-only view, valid for this step only. Nothing changes
@@ -124,6 +210,14 @@ class ScheduledChunk:
     params: SamplingParams | None = None
     num_output_tokens: int = 0
     holders: dict[InstanceId, int] | None = None
+    # The request's prompt and output so far, for the logit controls that read them (set only
+    # on a sampling chunk whose params need them; views, like `blocks`).
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None
+    # Prompt logprobs this chunk computes: those of the prompt tokens `prompt_logprob_ids`,
+    # which follow positions prompt_logprob_pos, prompt_logprob_pos + 1, ... of the chunk.
+    prompt_logprob_pos: int = 0
+    prompt_logprob_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.holders is None:
@@ -142,6 +236,26 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What an executor returns for one step (and a worker for its instance's share): the
+    sampled token of every request that sampled, each instance's execute seconds (measured, or
+    modelled by a simulator), and the logprobs asked for: of each sampled token, and of the
+    prompt tokens each chunk computed (in position order)."""
+
+    sampled: dict[RequestId, int]
+    seconds: dict[InstanceId, float]
+    logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[RequestId, list[TokenLogprobs]] = field(default_factory=dict)
+
+    def add(self, other: StepResult) -> None:
+        """Take in another instance's share of the step."""
+        self.sampled.update(other.sampled)
+        self.seconds.update(other.seconds)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +330,10 @@ class Request:
     finish_reason: FinishReason | None = None
     instance_id: InstanceId | None = None
     num_preemptions: int = 0
+    # Logprobs as asked by `params`: of the output tokens so far, and of the prompt tokens
+    # after the first, each computed once (a recompute after preemption skips those known).
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -98,7 +98,7 @@ def build_engine_parts(config: Config,
     rebalancer = Rebalancer(gmanager, cluster.recall_blocks_per_step,
                             int(num_blocks * cluster.recall_headroom_fraction), placement)
     spec = InstanceSpec(path, arch, dtype, num_blocks, config.cache.block_size,
-                        config.runtime.device, config.runtime.attention_backend)
+                        config.runtime.device, config.runtime.attention_backend, frozenset(eos))
     executor = (executor_factory or make_executor)(config, spec, ids)
     seconds = time.perf_counter() - started
     logger.info("loaded %s (%s, %d layers) in %.1f s; %d instance(s) x %d blocks of %d tokens",

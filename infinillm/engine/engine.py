@@ -269,9 +269,11 @@ class ClusterEngine:
                 for chunk in s.plan.chunks:
                     stream = self.streams[chunk.request_id]
                     stream.request.num_computed_tokens += len(chunk.token_ids)
+                    if chunk.prompt_logprob_ids:
+                        stream.add_prompt_logprobs(result.prompt_logprobs.get(chunk.request_id))
                     token = result.sampled.get(chunk.request_id)
                     if token is not None:
-                        stream.append(token)
+                        stream.append(token, result.logprobs.get(chunk.request_id))
                         outputs.append(self._emit(stream))
         for s in scheduled:
             self._ended += s.ended

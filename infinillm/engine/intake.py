@@ -1,6 +1,7 @@
 """Intake: what happens to a new request before any scheduler sees it.
 
-- **Validation** (`prepare`): the prompt is tokenized (or its token ids range-checked), and it
+- **Validation** (`prepare`): token ids in the sampling parameters (logit_bias) are
+  range-checked; the prompt is tokenized (or its token ids range-checked), and it
   must fit: shorter than the model's context with room for one generated token, and no more KV
   blocks than the cluster can give one request (its owner's pool plus what every other instance
   may lend). Bad input raises ValueError naming the value, and nothing is queued. `prepare`
@@ -51,9 +52,22 @@ class Intake:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        self._check_params(params)
         text, token_ids = self._tokenize(prompt)
         self._check_fits(token_ids)
         return PreparedPrompt(text, token_ids, params)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids and counts against the vocabulary."""
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), "
+                             f"got {bad[:5]}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"{name} must be at most the vocabulary size "
+                                 f"{self.vocab_size}, got {value}")
 
     def admit(self, prepared: PreparedPrompt, request_id: str | None,
               in_use: Callable[[RequestId], bool]) -> Request:

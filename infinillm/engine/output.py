@@ -1,14 +1,26 @@
-"""Per-request output state: incremental detokenization and the stop conditions.
+"""Per-request output state: incremental detokenization, the stop conditions, logprobs.
 
 A request finishes when it samples an EOS token (unless `ignore_eos`) or one of its
-`stop_token_ids`, when its text contains a stop string (the text is cut before it), when it has
-`max_tokens` tokens, or when it reaches the model's context length.
+`stop_token_ids`, when its text contains a stop string (the text is cut before it; not before
+`min_tokens` tokens exist, as in vLLM), when it has `max_tokens` tokens, or when it reaches the
+model's context length. (The sampler keeps EOS and stop ids from being sampled before
+`min_tokens`.)
+
+Logprobs are kept on the Request, so that they survive a preemption: an output carries those
+of its tokens so far and, once the prompt is computed, those of the prompt (the same list on
+every output, built once).
 """
 
 from __future__ import annotations
 
 from infinillm.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from infinillm.types import CompletionOutput, FinishReason, Request, RequestOutput
+from infinillm.types import (
+    CompletionOutput,
+    FinishReason,
+    Request,
+    RequestOutput,
+    TokenLogprobs,
+)
 
 
 class OutputStream:
@@ -23,18 +35,27 @@ class OutputStream:
         self.text = ""
         # While running, this many trailing characters may still turn into a stop string.
         self._hold = max((len(s) for s in request.params.stop or ()), default=1) - 1
+        self._prompt_logprobs: list[TokenLogprobs | None] | None = None  # built once
 
-    def append(self, token_id: int) -> None:
-        """Record one sampled token and decide whether the request is done."""
+    def add_prompt_logprobs(self, logprobs: list[TokenLogprobs] | None) -> None:
+        """Record the prompt logprobs a step computed (the next ones in position order)."""
+        if logprobs:
+            self.request.prompt_logprobs.extend(logprobs)
+
+    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Record one sampled token (and its logprobs) and decide whether the request is done."""
         r = self.request
         r.output_token_ids.append(token_id)
+        if logprobs is not None:
+            r.output_logprobs.append(logprobs)
         if token_id in self.eos_ids or token_id in self.stop_ids:
             r.finish_reason = FinishReason.STOP
             self.text += self.detokenizer.flush()
             return
         before = len(self.text)
         self.text += self.detokenizer.add(token_id)
-        if r.params.stop and self._cut_at_stop(before):
+        may_stop = len(r.output_token_ids) >= r.params.min_tokens
+        if r.params.stop and may_stop and self._cut_at_stop(before):
             r.finish_reason = FinishReason.STOP
         elif len(r.output_token_ids) >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
             r.finish_reason = FinishReason.LENGTH
@@ -55,13 +76,23 @@ class OutputStream:
         finished = r.finish_reason is not None
         text = self.text if finished or not self._hold else self.text[: -self._hold]
         reason = r.finish_reason.value if finished else None
+        logprobs = None if r.params.logprobs is None else list(r.output_logprobs)
         return RequestOutput(
             request_id=r.request_id,
             prompt=r.prompt,
             prompt_token_ids=r.prompt_token_ids,
-            outputs=[CompletionOutput(0, text, list(r.output_token_ids), reason)],
+            outputs=[CompletionOutput(0, text, list(r.output_token_ids), reason, logprobs)],
             finished=finished,
+            prompt_logprobs=self._prompt_logprobs_out(),
         )
+
+    def _prompt_logprobs_out(self) -> list[TokenLogprobs | None] | None:
+        r = self.request
+        if r.params.prompt_logprobs is None:
+            return None
+        if self._prompt_logprobs is None and len(r.prompt_logprobs) == len(r.prompt_token_ids) - 1:
+            self._prompt_logprobs = [None, *r.prompt_logprobs]
+        return self._prompt_logprobs
 
 
 class _NoText:

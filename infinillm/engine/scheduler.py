@@ -265,7 +265,7 @@ class Scheduler:
         else:
             tokens = prompt[start:] + output[: end - prompt_len]
         rid = request.request_id
-        return ScheduledChunk(
+        chunk = ScheduledChunk(
             request_id=rid,
             token_ids=tokens,
             start_pos=start,
@@ -275,3 +275,16 @@ class Scheduler:
             num_output_tokens=len(request.output_token_ids),
             holders=self.rmanager.holder_counts(rid),
         )
+        params = request.params
+        if chunk.sample and params.adjusts_logits:
+            chunk.prompt_token_ids = prompt if params.needs_prompt_ids else None
+            chunk.output_token_ids = output if params.needs_output_ids else None
+        if params.prompt_logprobs is not None:
+            # Position p's logits give the logprob of prompt token p + 1. Those known already
+            # (computed before a preemption) are not asked for again.
+            first = max(start, len(request.prompt_logprobs))
+            last = min(end, prompt_len - 1)
+            if first < last:
+                chunk.prompt_logprob_pos = first
+                chunk.prompt_logprob_ids = prompt[first + 1 : last + 1]
+        return chunk

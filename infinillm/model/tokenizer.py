@@ -19,6 +19,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -43,6 +44,23 @@ SPECIAL_TOKEN_NAMES = (
     "mask_token",
 )
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: each byte as the printable character tokens use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -112,6 +130,36 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as its text would hold them (a piece of a multi-byte
+        character included): exact for byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen) and
+        `<0xNN>` byte-fallback pieces; for other pieces their text, `▁` read as a space. Added
+        (special) tokens are their own text. b"" for an id the tokenizer does not know."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        if self._byte_level and all(c in _BYTE_DECODER for c in piece):
+            return bytes(_BYTE_DECODER[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder())
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """Whether tokenizer.json's decoder is (or contains) ByteLevel."""
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+        return "ByteLevel" in kinds
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True

@@ -21,7 +21,7 @@ from infinillm.model import LlamaModel, ModelArch, load_state_dict
 from infinillm.runtime.fabric import FabricStats, InProcFabric
 from infinillm.runtime.faults import Fault, InjectedFault
 from infinillm.runtime.worker import Worker
-from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
+from infinillm.types import BlockMove, InstanceId, StepPlan, StepResult
 
 
 class InstanceLost(RuntimeError):
@@ -43,6 +43,7 @@ class InstanceSpec:
     block_size: int
     device: str
     attention_backend: str = "auto"  # a name of infinillm.attention.backend_names()
+    eos_token_ids: frozenset[int] = frozenset()  # what min_tokens keeps from being sampled
 
 
 def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
@@ -55,16 +56,7 @@ def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
     arch = spec.arch
     storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks,
                         spec.block_size, spec.dtype, spec.device)
-    return Worker(iid, model, storage, attention, fabric)
-
-
-@dataclass(slots=True)
-class StepResult:
-    """What an executor returns for one step: the sampled token of every request that
-    sampled, and each instance's execute seconds (measured, or modelled by a simulator)."""
-
-    sampled: dict[RequestId, int]
-    seconds: dict[InstanceId, float]
+    return Worker(iid, model, storage, attention, fabric, spec.eos_token_ids)
 
 
 class Executor(ABC):
@@ -117,7 +109,7 @@ class InProcExecutor(Executor):
         try:
             for plan in plans:
                 started = time.perf_counter()
-                result.sampled.update(self.workers[plan.instance_id].execute(plan))
+                result.add(self.workers[plan.instance_id].execute(plan))
                 result.seconds[plan.instance_id] = time.perf_counter() - started
                 if self.fault is not None:
                     self.fault("sample", plan.instance_id)

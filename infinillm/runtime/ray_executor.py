@@ -25,7 +25,7 @@ from infinillm.runtime.executor import (
 from infinillm.runtime.fabric import FabricStats
 from infinillm.runtime.faults import Fault
 from infinillm.runtime.traffic import RemoteWork, order_chunks, remote_work
-from infinillm.types import BlockMove, InstanceId, RequestId, StepPlan
+from infinillm.types import BlockMove, InstanceId, StepPlan
 
 logger = logging.getLogger("infinillm")
 
@@ -59,19 +59,19 @@ class InstanceActor:
         return True
 
     def execute(self, plan: StepPlan,
-                incoming: dict[InstanceId, RemoteWork]) -> tuple[dict[RequestId, int], float]:
-        """The sampled tokens and this actor's execute seconds."""
+                incoming: dict[InstanceId, RemoteWork]) -> tuple[StepResult, float]:
+        """The sampled tokens (and logprobs) and this actor's execute seconds."""
         started = time.perf_counter()
         self.fabric.begin_step(plan.instance_id, incoming)
         try:
-            sampled = self.worker.execute(plan)
+            result = self.worker.execute(plan)
             if self.fabric.fault is not None:
                 self.fabric.fault("sample", plan.instance_id)
         finally:
             self.fabric.begin_step(plan.instance_id, {})
             seconds = time.perf_counter() - started
             self.fabric.stats.execute_seconds += seconds
-        return sampled, seconds
+        return result, seconds
 
     def move_blocks(self, moves: list[BlockMove]) -> bool:
         self.fabric.move_blocks(moves)
@@ -147,8 +147,8 @@ class RayExecutor(Executor):
             if plan.chunks or incoming[iid]:
                 calls[iid] = actor.execute.remote(plan, incoming[iid])
         result = StepResult({}, {})
-        for iid, (sampled, seconds) in self._gather(calls).items():
-            result.sampled.update(sampled)
+        for iid, (share, seconds) in self._gather(calls).items():
+            result.add(share)
             result.seconds[iid] = seconds
         return result
 

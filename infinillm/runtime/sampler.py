@@ -1,26 +1,114 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Token sampling: logit controls, greedy, temperature, top-k, top-p, per-request seeds; logprobs.
 
 All greedy batches (the common benchmark case) take one argmax over the batch; other rows are
 sampled one by one (small batches on CPU). A seeded request's generator is re-seeded from
 (seed, index of the token being sampled), which makes its output independent of what else runs
 in the batch and of preemption.
+
+Logit controls (min_tokens, logit_bias, repetition / frequency / presence penalties; semantics
+in SamplingParams) change a copy of the rows of the requests that set them, before the
+temperature, touching only the tokens of their history; a batch where no request sets one does
+no work for them. Logprobs are the
+log-softmax of the raw logits (`token_logprobs`), whatever the controls did.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import torch
 
-from infinillm.types import SamplingParams
+from infinillm.types import SamplingParams, TokenLogprobs
+
+LOGIT_BOUND = 1e30  # |logit| after the controls; / 1e-5 stays below float32's 3.4e38
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           num_output_tokens: list[int]) -> list[int]:
-    """logits [S, V] float32 -> one token id per row."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], num_output_tokens: list[int],
+           prompt_ids: Sequence[list[int] | None] | None = None,
+           output_ids: Sequence[list[int] | None] | None = None,
+           eos_token_ids: Collection[int] = ()) -> list[int]:
+    """logits [S, V] float32 -> one token id per row. `prompt_ids` / `output_ids` (per row, the
+    request's prompt and output so far) are read only by rows whose penalties need them;
+    `eos_token_ids` are the ids `min_tokens` bans (besides `stop_token_ids`). `logits` is not
+    changed."""
+    adjusted: dict[int, torch.Tensor] = {}
+    if any(p.adjusts_logits for p in params):
+        none = [None] * len(params)
+        rows, sub = adjust_logits(logits, params, num_output_tokens, prompt_ids or none,
+                                  output_ids or none, eos_token_ids)
+        adjusted = dict(zip(rows, sub))
     if all(p.greedy for p in params):
-        return logits.argmax(dim=-1).tolist()
-    return [
-        _sample_row(logits[i], p, n) for i, (p, n) in enumerate(zip(params, num_output_tokens))
-    ]
+        tokens = logits.argmax(dim=-1)
+        if adjusted:
+            tokens[rows] = sub.argmax(dim=-1)
+        return tokens.tolist()
+    return [_sample_row(adjusted.get(i, logits[i]), p, n)
+            for i, (p, n) in enumerate(zip(params, num_output_tokens))]
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
+                  num_output_tokens: list[int], prompt_ids: Sequence[list[int] | None],
+                  output_ids: Sequence[list[int] | None],
+                  eos_token_ids: Collection[int]) -> tuple[list[int], torch.Tensor]:
+    """logits [S, V] float32 -> (the R rows that set a control, their logits [R, V] float32
+    with the controls applied, a copy), with vLLM's semantics and order: min_tokens, logit_bias,
+    repetition, frequency and presence penalties.
+
+    The rows are adjusted together and only where a token of their history (or bias, or ban)
+    is: a few gathers and scatters over those (row, token) pairs, never an operation over the
+    whole [R, V] (one such pass costs more than all the pairs of a long history). min_tokens'
+    ban comes last: -inf stays -inf through bias and penalties, so the result is that of
+    vLLM's order."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    chosen = [params[i] for i in rows]
+    sub = logits[rows]  # a copy
+    flat, vocab = sub.view(-1), sub.shape[1]
+    bias = _flat([list(p.logit_bias or ()) for p in chosen], sub)
+    if bias is not None:
+        values = [v for p in chosen for v in (p.logit_bias or {}).values()]
+        flat.index_add_(0, bias, torch.tensor(values, dtype=sub.dtype, device=sub.device))
+    seen = _flat([(prompt_ids[i] or []) + (output_ids[i] or []) if p.repetition_penalty != 1.0
+                  else [] for i, p in zip(rows, chosen)], sub)
+    if seen is not None:
+        seen = seen.unique()
+        values = flat[seen]
+        penalty = _per_row([p.repetition_penalty for p in chosen], sub)[seen // vocab]
+        values = torch.where(values > 0, values / penalty, values * penalty)
+        # A tiny penalty can push a logit to +inf, and a softmax over +inf is NaN: keep it
+        # finite, with room for the smallest temperature (1e-5) to divide it.
+        flat[seen] = values.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+    generated = _flat([output_ids[i] or [] if p.frequency_penalty or p.presence_penalty
+                       else [] for i, p in zip(rows, chosen)], sub)
+    if generated is not None:
+        where, counts = generated.unique(return_counts=True)
+        row = where // vocab
+        flat[where] -= (_per_row([p.frequency_penalty for p in chosen], sub)[row] * counts
+                        + _per_row([p.presence_penalty for p in chosen], sub)[row])
+    banned = _flat([_banned(p, eos_token_ids, vocab) if num_output_tokens[i] < p.min_tokens
+                    else [] for i, p in zip(rows, chosen)], sub)
+    if banned is not None:
+        flat[banned] = float("-inf")
+    return rows, sub
+
+
+def _flat(ids_per_row: list[list[int]], sub: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices into `sub` [R, V] (row * V + token id) of every id of every row, int64;
+    None when there are none."""
+    if not any(ids_per_row):
+        return None
+    lengths = torch.tensor([len(ids) for ids in ids_per_row])
+    starts = torch.repeat_interleave(torch.arange(len(ids_per_row)) * sub.shape[1], lengths)
+    token_ids = torch.tensor([t for ids in ids_per_row for t in ids], dtype=torch.int64)
+    return (starts + token_ids).to(sub.device)
+
+
+def _per_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def _banned(p: SamplingParams, eos_token_ids: Collection[int], vocab_size: int) -> list[int]:
+    banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_token_ids))
+    return [t for t in banned if t < vocab_size]
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
@@ -44,3 +132,20 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
     if p.seed is not None:
         generator = torch.Generator().manual_seed(hash((p.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int],
+                   num_top: list[int]) -> list[TokenLogprobs]:
+    """logits [R, V] (raw, float32), one chosen token and a count of top tokens per row ->
+    per row the chosen token's log-softmax and the `num_top` largest, most likely first.
+    At most three host transfers, whatever R is."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=logits.device)
+    chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+    k = max(num_top, default=0)
+    if not k:
+        return [TokenLogprobs(t, lp, []) for t, lp in zip(token_ids, chosen)]
+    values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    values, indices = values.tolist(), indices.tolist()
+    return [TokenLogprobs(t, lp, list(zip(indices[r][:n], values[r][:n])))
+            for r, (t, lp, n) in enumerate(zip(token_ids, chosen, num_top))]

@@ -24,9 +24,9 @@ from infinillm.attention import AttentionBackend
 from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel
 from infinillm.runtime.fabric import Fabric, Partial
-from infinillm.runtime.sampler import sample
+from infinillm.runtime.sampler import sample, token_logprobs
 from infinillm.runtime.traffic import Prefix, order_chunks, prefix_by_holder, remote_work
-from infinillm.types import InstanceId, RequestId, ScheduledChunk, StepPlan
+from infinillm.types import InstanceId, ScheduledChunk, StepPlan, StepResult
 
 
 class _StepAttention:
@@ -109,21 +109,25 @@ class _StepAttention:
 
 
 class Worker:
-    """Runs one instance: `execute(plan)` returns the sampled token of every sampling chunk."""
+    """Runs one instance: `execute(plan)` returns the sampled token of every sampling chunk,
+    and the logprobs its chunks asked for."""
 
     def __init__(self, instance_id: InstanceId, model: LlamaModel, storage: KVStorage,
-                 attention: AttentionBackend, fabric: Fabric | None = None) -> None:
+                 attention: AttentionBackend, fabric: Fabric | None = None,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.instance_id = instance_id
         self.model = model
         self.storage = storage
         self.attention = attention  # this instance's kernels; its fabric serves holders with it
         self.fabric = fabric
+        self.eos_token_ids = eos_token_ids  # banned by min_tokens
 
-    def execute(self, plan: StepPlan) -> dict[RequestId, int]:
+    def execute(self, plan: StepPlan) -> StepResult:
+        result = StepResult({}, {})
         if not plan.chunks:
             if self.fabric is not None and self.fabric.active(self.instance_id):
                 self._serve_only()
-            return {}
+            return result
         chunks, num_padded = order_chunks(self.instance_id, plan.chunks)
         attn = _StepAttention(self.instance_id, self.storage, self.attention, self.fabric,
                               chunks, num_padded, self.model.scale)
@@ -131,24 +135,57 @@ class Worker:
         positions: list[int] = []
         sample_rows: list[int] = []
         sampled: list[ScheduledChunk] = []
+        prompt_rows: list[int] = []  # rows whose logits give prompt logprobs (rare)
         for c in chunks:
+            if c.prompt_logprob_ids:
+                first = len(token_ids) + c.prompt_logprob_pos - c.start_pos
+                prompt_rows.extend(range(first, first + len(c.prompt_logprob_ids)))
             token_ids.extend(c.token_ids)
             positions.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
             if c.sample:
                 sample_rows.append(len(token_ids) - 1)
                 sampled.append(c)
-        if not sampled:
-            sample_rows = [0]  # the forward pass needs at least one row; its logits are unused
+        # The forward pass needs at least one row; then its logits are unused.
+        head_rows = sample_rows + prompt_rows or [0]
         logits = self.model.forward(
             torch.tensor(token_ids, dtype=torch.int64),
             torch.tensor(positions, dtype=torch.int64),
             attn,
-            torch.tensor(sample_rows, dtype=torch.int64),
+            torch.tensor(head_rows, dtype=torch.int64),
         )
-        if not sampled:
-            return {}
-        tokens = sample(logits, [c.params for c in sampled], [c.num_output_tokens for c in sampled])
-        return {c.request_id: t for c, t in zip(sampled, tokens)}
+        if prompt_rows:
+            self._prompt_logprobs(logits[len(sample_rows):], chunks, result)
+        if sampled:
+            self._sample(logits[: len(sample_rows)], sampled, result)
+        return result
+
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
+                result: StepResult) -> None:
+        """logits [S, V] float32, one row per sampling chunk."""
+        tokens = sample(logits, [c.params for c in sampled],
+                        [c.num_output_tokens for c in sampled],
+                        [c.prompt_token_ids for c in sampled],
+                        [c.output_token_ids for c in sampled], self.eos_token_ids)
+        result.sampled = {c.request_id: t for c, t in zip(sampled, tokens)}
+        rows = [i for i, c in enumerate(sampled) if c.params.logprobs is not None]
+        if rows:
+            found = token_logprobs(logits[rows], [tokens[i] for i in rows],
+                                   [sampled[i].params.logprobs for i in rows])
+            result.logprobs = {sampled[i].request_id: lp for i, lp in zip(rows, found)}
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, chunks: list[ScheduledChunk],
+                         result: StepResult) -> None:
+        """logits [P, V] float32: the rows of every chunk's `prompt_logprob_ids`, in order."""
+        asking = [c for c in chunks if c.prompt_logprob_ids]
+        targets = [t for c in asking for t in c.prompt_logprob_ids]
+        num_top = [c.params.prompt_logprobs for c in asking for _ in c.prompt_logprob_ids]
+        found = token_logprobs(logits, targets, num_top)
+        row = 0
+        for c in asking:
+            n = len(c.prompt_logprob_ids)
+            result.prompt_logprobs[c.request_id] = found[row : row + n]
+            row += n
 
     def _serve_only(self) -> None:
         """A holder with no tokens of its own still answers every layer's exchange."""

@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from infinillm.engine import AsyncEngine, EngineDeadError
 from infinillm.server import protocol as P
+from infinillm.server.choices import ChatShape, CompletionShape, Shape, TokenTexts
 from infinillm.server.metrics import CONTENT_TYPE, RequestCounter, ServerMetrics
 from infinillm.types import RequestOutput, SamplingParams
 
@@ -138,6 +139,7 @@ class OpenAIServer:
         self.max_model_len = cluster.max_model_len
         self.created = int(time.time())
         self.metrics = ServerMetrics(async_engine.cluster_stats)
+        self.token_texts = TokenTexts(self.tokenizer)
         # A token is at most this many characters: a longer text cannot fit the context.
         self._max_token_chars = (max(map(len, self.tokenizer.backend.get_vocab(True)))
                                  if self.tokenizer is not None else 0)
@@ -157,25 +159,34 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
         req = await self._parse(request, P.CompletionRequest)
+        raw_prompts = req.prompts()
         n = req.num_choices
-        if len(req.prompts()) * n > P.MAX_CHOICES:  # before tokenizing any of them
-            raise P.APIError(400, f"{len(req.prompts())} prompts x n={n} choices; at most "
+        if len(raw_prompts) * n > P.MAX_CHOICES:  # before tokenizing any of them
+            raise P.APIError(400, f"{len(raw_prompts)} prompts x n={n} choices; at most "
                              f"{P.MAX_CHOICES} in all", param="n")
-        prompts = [await self._encode(p, "prompt") for p in req.prompts()]
+        prompts = [await self._encode(p, "prompt") for p in raw_prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        params = [self._params(req, ids, req.max_tokens or 16, i)
-                  for ids in prompts for i in range(n)]
+        # echo with max_tokens 0 scores the prompt: the engine generates one token, dropped
+        max_tokens = 1 if req.echo_only else (16 if req.max_tokens is None else req.max_tokens)
+        params = [self._params(req, ids, max_tokens, i) for ids in prompts for i in range(n)]
+        echoes = None
+        if req.echo:
+            texts = [await self._echo_text(raw, ids) for raw, ids in zip(raw_prompts, prompts)]
+            echoes = [t for t in texts for _ in range(n)]
+        shape = CompletionShape(self.token_texts, echoes, req.echo_only)
         sub = self._submit(rid, [ids for ids in prompts for _ in range(n)], params)
         num_prompt = sum(map(len, prompts))
         if req.stream:
             chunks = P.CompletionChunks(rid, self.model_name)
-            return self._stream(req, sub, arrival, num_prompt, chunks)
+            return self._stream(req, sub, arrival, num_prompt, chunks, shape)
         outs = await _unless_disconnected(request, self._collect(sub, arrival))
-        choices = [P.CompletionChoice(index=i, text=o.outputs[0].text,
-                                      finish_reason=o.outputs[0].finish_reason)
+        choices = [P.CompletionChoice(index=i, text=shape.text(i, o),
+                                      logprobs=_all_logprobs(shape, i, o),
+                                      finish_reason=shape.finish_reason(o))
                    for i, o in enumerate(outs)]
+        usage = P.Usage.of(num_prompt, sum(map(shape.num_generated, outs)))
         return _json(P.CompletionResponse(id=rid, model=self.model_name, choices=choices,
-                                          usage=P.Usage.of(num_prompt, _num_generated(outs))))
+                                          usage=usage))
 
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
@@ -188,37 +199,49 @@ class OpenAIServer:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         params = [self._params(req, ids, max_tokens, i) for i in range(req.num_choices)]
         sub = self._submit(rid, [ids] * req.num_choices, params)
+        shape = ChatShape(self.token_texts)
         if req.stream:
-            return self._stream(req, sub, arrival, len(ids), P.ChatChunks(rid, self.model_name))
+            chunks = P.ChatChunks(rid, self.model_name)
+            return self._stream(req, sub, arrival, len(ids), chunks, shape)
         outs = await _unless_disconnected(request, self._collect(sub, arrival))
-        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=o.outputs[0].text),
-                                finish_reason=o.outputs[0].finish_reason)
+        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=shape.text(i, o)),
+                                logprobs=_all_logprobs(shape, i, o),
+                                finish_reason=shape.finish_reason(o))
                    for i, o in enumerate(outs)]
         return _json(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
                                               usage=P.Usage.of(len(ids), _num_generated(outs))))
 
     def _stream(self, req: P.SamplingRequest, sub: Submission, arrival: float,
-                num_prompt: int, chunks: P.CompletionChunks) -> EventStream:
-        events = self._events(sub, arrival, num_prompt, req.include_usage, chunks)
+                num_prompt: int, chunks: P.CompletionChunks, shape: Shape) -> EventStream:
+        events = self._events(sub, arrival, num_prompt, req.include_usage, chunks, shape)
         return EventStream(events, on_close=lambda: self._abort(sub))
 
     async def _events(self, sub: Submission, arrival: float, num_prompt: int,
-                      include_usage: bool, chunks: P.CompletionChunks) -> AsyncIterator[str]:
-        """Text deltas of every choice as the engine produces them, then usage, then [DONE]."""
-        sent = [0] * len(sub)
+                      include_usage: bool, chunks: P.CompletionChunks,
+                      shape: Shape) -> AsyncIterator[str]:
+        """Text deltas of every choice as the engine produces them (with the logprobs of the
+        tokens new since the last event, when asked for), then usage, then [DONE]."""
+        sent = [0] * len(sub)  # characters of text sent, per choice
+        sent_entries = [0] * len(sub)  # logprob entries sent
+        offsets = [0] * len(sub)  # completions' text_offset of the next entry
         finals: list[RequestOutput | None] = [None] * len(sub)
         try:
             for event in chunks.start(len(sub)):
                 yield event
             async for i, out in self._merged(sub, arrival):
-                c = out.outputs[0]
-                delta, sent[i] = c.text[sent[i]:], len(c.text)
+                text = shape.text(i, out)
+                delta, sent[i] = text[sent[i]:], len(text)
+                entries, logprobs = shape.entries(i, out), None
+                if entries is not None and len(entries) > sent_entries[i]:
+                    logprobs, offsets[i] = shape.logprobs(entries[sent_entries[i]:], offsets[i])
+                    sent_entries[i] = len(entries)
                 if out.finished:
                     finals[i] = out
-                if delta or c.finish_reason:
-                    yield chunks.delta(i, delta, c.finish_reason)
+                reason = shape.finish_reason(out)
+                if delta or reason or logprobs is not None:
+                    yield chunks.delta(i, delta, reason, logprobs)
             if include_usage:
-                yield chunks.usage(P.Usage.of(num_prompt, _num_generated(finals)))
+                yield chunks.usage(P.Usage.of(num_prompt, sum(map(shape.num_generated, finals))))
         except EngineDeadError as e:
             yield P.sse(P.APIError(503, str(e), code="engine_unavailable").body())
         yield P.SSE_DONE
@@ -254,6 +277,14 @@ class OpenAIServer:
                              param=param)
         return await asyncio.to_thread(self._tokenize, prompt, param)
 
+    async def _echo_text(self, prompt: str | list[int], ids: list[int]) -> str:
+        """The text echoed before a completion: the prompt as sent, or its ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            return ""
+        return await asyncio.to_thread(self.tokenizer.decode, ids, False)
+
     def _tokenize(self, prompt: str | list[dict], param: str) -> list[int]:
         tok = self.tokenizer
         add_special = isinstance(prompt, str)  # a chat template places the special tokens
@@ -283,7 +314,7 @@ class OpenAIServer:
         try:
             return req.sampling_params(index, max_tokens)
         except ValueError as e:
-            raise P.APIError(400, str(e)) from None
+            raise P.APIError(400, str(e), param=_param_named(str(e))) from None
 
     def _submit(self, rid: str, prompts: list[list[int]],
                 params: list[SamplingParams]) -> Submission:
@@ -296,7 +327,7 @@ class OpenAIServer:
             self._abort(sub)
             if isinstance(e, EngineDeadError):
                 raise P.APIError(503, str(e), code="engine_unavailable") from None
-            raise P.APIError(400, str(e), param="prompt") from None
+            raise P.APIError(400, str(e), param=_param_named(str(e), "prompt")) from None
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         return sub
 
@@ -440,6 +471,23 @@ async def _unless_disconnected(request: Request, work):
     if task.cancelled():  # nobody reads this reply; the metrics count it as 499
         raise P.APIError(499, "the client closed the request", code="client_closed")
     return task.result()
+
+
+_FIELDS = (set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields)) \
+    - {"prompt", "messages"}
+
+
+def _param_named(message: str, default: str | None = None) -> str | None:
+    """The request field an engine ValueError is about: its messages start with the name of
+    the value they refuse ("min_tokens must be ...", "logit_bias token ids ...")."""
+    word = message.split(" ", 1)[0]
+    return word if word in _FIELDS else default
+
+
+def _all_logprobs(shape: Shape, i: int, out: RequestOutput):
+    """A plain response's logprobs object for choice i, or None when not asked for."""
+    entries = shape.entries(i, out)
+    return None if entries is None else shape.logprobs(entries, 0)[0]
 
 
 def _num_generated(outs: Iterable[RequestOutput | None]) -> int:

@@ -6,10 +6,10 @@ number, `true` is not 1, NaN and infinities are refused (the server turns every
 message). JSON nested deeper than the parser's recursion limit (a few hundred levels) is
 malformed JSON. Unknown top-level fields are accepted and ignored (kept in `model_extra` only
 so that the server can log their names), as OpenAI-compatible clients send fields of newer API
-versions and of other servers. Fields of the OpenAI API that we accept but
-do not implement (penalties, logit_bias, logprobs, echo, ...) are declared so that their
-neutral values pass and anything else fails with a clear message. Four vLLM extensions are
-accepted: `top_k`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`.
+versions and of other servers. Fields of the OpenAI API that we accept but do not implement
+(suffix, response_format, tools, ...) are declared so that their neutral values pass and
+anything else fails with a clear message. vLLM extensions accepted: `top_k`, `ignore_eos`,
+`stop_token_ids`, `include_stop_str_in_output`, `repetition_penalty`, `min_tokens`.
 
 Responses follow the OpenAI shapes field for field (`null` where OpenAI sends null), so that the
 official client parses them.
@@ -21,13 +21,21 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from infinillm.types import SamplingParams
 
 MAX_CHOICES = 128  # OpenAI's own limit on n; also caps prompts x n of a batch
 MAX_STOP = 16
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs, and vLLM's default max_logprobs
 # Temperatures below this are greedy (vLLM does the same): dividing logits by a tiny
 # temperature overflows float32 and turns the softmax into NaN.
 GREEDY_EPS = 1e-5
@@ -119,22 +127,29 @@ class SamplingRequest(RequestModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     # vLLM extensions
     top_k: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, ge=0)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids written as decimal strings, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"bias of token {key} must be in [-100, 100], got {value!r}")
+        return bias
 
     @model_validator(mode="after")
     def _unsupported(self) -> SamplingRequest:
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise unsupported(name, getattr(self, name), "is not supported (only 0)")
-        if self.logit_bias:
-            raise unsupported("logit_bias", self.logit_bias, "is not supported")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             raise unsupported("stop", f"{len(self.stop)} strings",
                               f"takes at most {MAX_STOP} strings")
@@ -165,7 +180,23 @@ class SamplingRequest(RequestModel):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=bool(self.ignore_eos),
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            min_tokens=self.min_tokens or 0,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            logprobs=self.num_logprobs,
+            prompt_logprobs=self.num_prompt_logprobs,
         )
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per generated token; None: no logprobs."""
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
 
 Prompt = str | list[int] | list[str] | list[list[int]]
@@ -173,23 +204,35 @@ Prompt = str | list[int] | list[str] | list[list[int]]
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 only with echo: the prompt (and its logprobs) is scored, nothing is generated
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _unsupported_completion(self) -> CompletionRequest:
-        if self.echo:
-            raise unsupported("echo", self.echo, "is not supported")
-        if self.logprobs:
-            raise unsupported("logprobs", self.logprobs, "is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only allowed with echo (to score the prompt)")
         if self.best_of not in (None, self.num_choices):
             raise unsupported("best_of", self.best_of, "is not supported (only equal to n)")
         if self.suffix:
             raise unsupported("suffix", self.suffix, "is not supported")
         return self
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the engine generates one token, which is dropped."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of the request: one, or a batch (a list of strings or of id lists)."""
@@ -225,7 +268,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -233,9 +276,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _unsupported_chat(self) -> ChatCompletionRequest:
-        for name in ("logprobs", "top_logprobs"):
-            if getattr(self, name):
-                raise unsupported(name, getattr(self, name), "is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
         if self.response_format not in (None, {"type": "text"}):
             raise unsupported("response_format", self.response_format,
                               "is not supported (only {'type': 'text'})")
@@ -247,6 +289,10 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -262,10 +308,21 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class CompletionLogprobs(BaseModel):
+    """Legacy completions logprobs: per token its text, logprob (null for the first prompt
+    token), the top alternatives with the token itself (text -> logprob; null with the first
+    prompt token), and the character offset where it starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -285,10 +342,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -309,7 +381,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -359,8 +431,9 @@ class CompletionChunks:
     def start(self, num_choices: int) -> list[str]:
         return []
 
-    def delta(self, index: int, text: str, finish_reason: str | None) -> str:
-        return self._chunk([CompletionChoice(index=index, text=text,
+    def delta(self, index: int, text: str, finish_reason: str | None,
+              logprobs: CompletionLogprobs | None = None) -> str:
+        return self._chunk([CompletionChoice(index=index, text=text, logprobs=logprobs,
                                              finish_reason=finish_reason)])
 
     def usage(self, usage: Usage) -> str:
@@ -379,6 +452,7 @@ class ChatChunks(CompletionChunks):
         return [self._chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                              for i in range(num_choices)])]
 
-    def delta(self, index: int, text: str, finish_reason: str | None) -> str:
+    def delta(self, index: int, text: str, finish_reason: str | None,
+              logprobs: ChatLogprobs | None = None) -> str:
         return self._chunk([ChatChunkChoice(index=index, delta=Delta(content=text or None),
-                                            finish_reason=finish_reason)])
+                                            logprobs=logprobs, finish_reason=finish_reason)])

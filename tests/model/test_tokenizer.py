@@ -128,6 +128,21 @@ def test_eos_ids_and_vocab_size_match_transformers(ours, hf, model_dir):
     assert ours.has_chat_template
 
 
+@pytest.mark.parametrize("text", ["Héllo wörld — 日本語 😀 ok\n\tx", "  two  spaces",
+                                  "a<|im_end|>"])
+def test_token_bytes_concatenate_to_the_text(ours, hf, text):
+    """Byte-level BPE: each token's bytes, joined, are the text's UTF-8 bytes, pieces of a
+    multi-byte character included; transformers' converted token strings agree."""
+    ids = ours.encode(text, add_special_tokens=False)
+    pieces = [ours.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces) or text.isascii()
+    for i, piece in zip(ids, pieces):
+        if piece.isascii():
+            assert piece.decode() == hf.convert_tokens_to_string([hf.convert_ids_to_tokens(i)])
+    assert ours.token_bytes(10**9) == b""
+
+
 def _variant(model_dir: Path, tmp_path: Path, post_processor, add_bos_token) -> Path:
     """A copy of the tokenizer files with another post-processor / add_bos_token setting."""
     for name in ("tokenizer.json", "tokenizer_config.json"):

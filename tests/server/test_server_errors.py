@@ -51,10 +51,18 @@ HOSTILE = {
     "model": st.sampled_from(["gpt-4", "", None, 3, MODEL.lower()]),
     "stop_token_ids": st.lists(token_ids, max_size=3) | json_values,
     "top_k": st.integers(-(2**70), 2**70),
+    "logit_bias": st.dictionaries(st.sampled_from(["0", "49151", "49152", "-1", "1e3", " 5"]),
+                                  st.floats() | st.integers(-200, 200), max_size=3),
+    "frequency_penalty": st.floats() | st.sampled_from([-2, 2, 2.0000001, "1"]),
+    "presence_penalty": st.floats() | st.sampled_from([-2.0000001, True]),
+    "repetition_penalty": st.floats() | st.sampled_from([0, -1, 1e-300]),
+    "min_tokens": st.integers(-5, 5) | st.sampled_from([2**64, 1.0]),
+    "logprobs": st.booleans() | st.integers(-3, 25),
+    "top_logprobs": st.integers(-3, 25),
+    "echo": st.booleans(),
 }
-FIELDS = sorted(HOSTILE) + ["logprobs", "echo", "best_of", "logit_bias", "frequency_penalty",
-                            "presence_penalty", "tools", "suffix", "max_completion_tokens",
-                            "user", "ignore_eos", "unknown_field", "temperatur"]
+FIELDS = sorted(HOSTILE) + ["best_of", "tools", "suffix", "max_completion_tokens", "user",
+                            "ignore_eos", "unknown_field", "temperatur"]
 
 
 def _value(field: str) -> st.SearchStrategy:
@@ -156,7 +164,7 @@ def test_after_the_storm_every_pool_is_full_and_the_server_healthy(http, served)
     ("/v1/completions", {"prompt": [1] * 9000, "max_tokens": 1}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 9000}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 49152]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, None),
+    ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 2,
                               "max_tokens": 1}, 200, None),
