@@ -282,8 +282,8 @@ def test_every_route_with_odd_methods_queries_and_headers(client, method, path, 
 
 
 @pytest.mark.parametrize("path, body, param, named", [
-    (COMPLETIONS, {"prompt": "a", "logit_bias": {"50": 5}}, "logit_bias", "{'50': 5.0}"),
-    (COMPLETIONS, {"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty", "0.5"),
+    (COMPLETIONS, {"prompt": "a", "logit_bias": {"50": 500}}, "logit_bias", "500"),
+    (COMPLETIONS, {"prompt": "a", "frequency_penalty": 2.5}, "frequency_penalty", "2.5"),
     (COMPLETIONS, {"prompt": "a", "best_of": 3}, "best_of", "3"),
     (COMPLETIONS, {"prompt": "a", "stop": ["x"] * 17}, "stop", "17 strings"),
     (COMPLETIONS, {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options",
@@ -293,7 +293,7 @@ def test_every_route_with_odd_methods_queries_and_headers(client, method, path, 
     (CHAT, {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "x"}},
      "response_format", "{'type': 'x'}"),
 ])
-def test_unsupported_values_are_named(client, path, body, param, named):
+def test_unsupported_or_out_of_range_values_are_named(client, path, body, param, named):
     response = post(client, path, encode(body))
     assert response.status_code == 400, response.text
     error = response.json()["error"]
