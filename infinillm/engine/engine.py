@@ -237,13 +237,13 @@ class ClusterEngine:
             logger.warning("%s; recomputing its requests on the others", lost)
             self._lost = list(lost.instances)
             return None
-        # The cluster step is synchronous: it lasts as long as its slowest instance, or as all
-        # of them where they run one after another on one device.
-        for s in scheduled:
+        for s in scheduled:  # each instance's step-time model learns from its own steps
             seconds = result.seconds.get(s.plan.instance_id)
             if s.plan.chunks and seconds:
                 self.perf_models[s.plan.instance_id].observe(
                     StepFeatures.of(s.plan.instance_id, s.plan.chunks), seconds)
+        # The cluster step is synchronous: it lasts as long as its slowest instance, or as all
+        # of them where they run one after another on one device.
         if advance:
             seconds = result.seconds.values()
             self.clock.advance(max(seconds, default=0.0) if self.executor.concurrent_instances
