@@ -6,7 +6,9 @@ on, a sampling chunk appends one token).
 
 from __future__ import annotations
 
-from infinillm.cluster import Demand, RManager, choose_victim
+import pytest
+
+from infinillm.cluster import Demand, GManager, RManager, choose_victim
 from infinillm.config import SchedulerConfig
 from infinillm.engine.scheduler import Scheduler, SchedulerOutput
 from infinillm.types import (
@@ -169,12 +171,25 @@ def test_demand_of_the_queue_head():
     a, b = request("a", 10, 0), request("b", 30, 1)
     s.add(a)  # 11 positions: 3 blocks
     s.add(b)  # 31 positions: 8 blocks
-    assert s.demand() == Demand(keep_free=3, reclaim=0)
+    # the head needs 3 blocks to start (10 prompt positions; nothing running: no headroom)
+    assert s.demand() == Demand(keep_free=3, reclaim=0, head_blocks=3, head_tokens=10)
     assert s.queued_blocks() == 3 + 8
     s.finish(a)  # aborted while waiting
-    assert s.demand() == Demand(keep_free=8, reclaim=0)
+    assert s.demand() == Demand(keep_free=8, reclaim=0, head_blocks=8, head_tokens=30)
     s.rmanager.allocate_slots(RequestId("x"), 8)  # 6 free: the head borrows, keeps nothing
-    assert s.demand() == Demand(keep_free=0, reclaim=0)
+    assert s.demand() == Demand(keep_free=0, reclaim=0, head_blocks=8, head_tokens=30)
+
+
+def test_demand_carries_the_batch_load_for_placement():
+    s = scheduler(num_blocks=16, block_size=4, budget=64)
+    a, b, c = request("a", 10, 0), request("b", 6, 1), request("c", 9, 2)
+    for r in (a, b, c):
+        s.add(r)
+    s.schedule()  # all three start
+    d = s.demand()
+    assert (d.num_running, d.kv_tokens, d.longest, d.head_blocks) == (3, 25, "a", 0)
+    s.finish(a)  # the longest is gone: nothing of it to move
+    assert s.demand().longest is None and s.demand().num_running == 2
 
 
 def test_choose_victim_is_cheapest_to_recompute_then_newest():
@@ -184,3 +199,29 @@ def test_choose_victim_is_cheapest_to_recompute_then_newest():
     new.num_computed_tokens = 4
     assert choose_victim([old, mid, new]) is mid
     assert choose_victim([old]) is old
+
+
+@pytest.mark.parametrize("local_first", [False, True])
+def test_local_first_admission_starts_a_request_only_where_it_fits(local_first):
+    """Reactive admission counts what creditors may lend; local first (proactive placement)
+    waits for local blocks, unless the request could never fit this pool."""
+    gm = GManager()
+    rms = [RManager(InstanceId(i), 4, 4, 4, gm) for i in (0, 1)]
+    for rm in rms:
+        gm.register(rm)
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)
+    s = Scheduler(InstanceId(0), config, rms[0], can_wait=True, local_first=local_first)
+    assert rms[0].allocate_slots(RequestId("x"), 8)  # 2 of 4 local blocks taken
+    s.add(request("mid", 12, 0))  # 3 blocks: fits the pool, not its 2 free blocks
+    started = [c.request_id for c in s.schedule().plan.chunks]
+    assert started == ([] if local_first else ["mid"])
+    assert rms[1].num_free_blocks == (4 if local_first else 3)  # reactive borrowed one
+    if local_first:
+        rms[0].free(RequestId("x"))
+        assert [c.request_id for c in s.schedule().plan.chunks] == ["mid"]  # now it fits
+        # a request longer than any pool starts by borrowing, local first or not
+        s1 = Scheduler(InstanceId(1), config, rms[1], can_wait=True, local_first=True)
+        s1.add(request("huge", 20, 1))  # 5 blocks against pools of 4
+        gm.heartbeat_all()
+        assert [c.request_id for c in s1.schedule().plan.chunks] == ["huge"]
+        assert rms[1].holder_counts(RequestId("huge")) == {InstanceId(1): 4, InstanceId(0): 1}
