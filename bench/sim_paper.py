@@ -33,7 +33,7 @@ system); `multi` = the same N instances keeping their KV to themselves ("vLLM-mu
    the arrivals span --window-s seconds, whatever the trace. The rate grid starts at a quarter
    of the estimate and doubles until the best policy's output throughput grows < 5 % over the
    previous rate, or every policy's SLO attainment is < 0.5; when already the first rate has
-   every policy below 0.5 (the estimate ignores the cluster's synchronous step and queueing,
+   every policy below 0.5 (the estimate ignores queueing and the cost of long requests,
    so it can be far too high), it halves instead until some policy meets the SLO; at most
    --max-rates rates (--rates: a fixed grid instead).
    Per run: everything `simulate` returns: output and total tokens/s over the whole run (first
