@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,11 +105,11 @@ class StepTimeModel:
             knots.append(min((k for k in KNOTS if k >= max(seen)), default=max(seen)))
         knots = tuple(knots)
         rows = [self._row(knots, f) for f, _ in self._records]
-        coef = _nnls(np.array(rows), np.array([s for _, s in self._records]))
+        coef = nonneg_lstsq(rows, [s for _, s in self._records])
         self._knots = knots
-        self._w = coef[:len(knots)].tolist()
+        self._w = coef[:len(knots)]
         self.sec_per_kv_token, self.sec_per_prefill_pair, self.sec_per_remote_holder = (
-            float(c) for c in coef[len(knots):])
+            coef[len(knots):])
 
     def predict(self, features: StepFeatures) -> float | None:
         """Modelled seconds of a step running `features`; None before the first fit."""
@@ -155,14 +155,16 @@ class StepTimeModel:
         }
 
 
-def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def nonneg_lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
     """Least squares with non-negative coefficients: refit without the negative ones until none
-    is left (an active-set shortcut, exact when at most a few columns are clamped)."""
+    is left (an active-set shortcut, exact when at most a few columns are clamped). Also the
+    fit of `infinillm calibrate`."""
+    a, b = np.asarray(rows, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     active = list(range(a.shape[1]))
     while True:
         sol = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
         if (sol >= 0).all() or len(active) == 1:
             coef = np.zeros(a.shape[1])
             coef[active] = np.maximum(sol, 0.0)
-            return coef
+            return coef.tolist()
         active = [j for j, s in zip(active, sol) if s >= 0]

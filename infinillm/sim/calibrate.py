@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from infinillm.cluster.perf_model import nonneg_lstsq
 from infinillm.sim.devices import CPU_PROFILE_NAME, DeviceProfile, default_cpu_profile_path
 from infinillm.types import InstanceId
 
@@ -105,21 +106,6 @@ def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     return slope, my - slope * mx
-
-
-def _lstsq_nonneg(rows: list[list[float]], ys: list[float]) -> list[float]:
-    """Least squares with every coefficient clamped at 0 (refit without the clamped ones)."""
-    active = list(range(len(rows[0])))
-    while True:
-        a = torch.tensor([[r[j] for j in active] for r in rows], dtype=torch.float64)
-        b = torch.tensor(ys, dtype=torch.float64).unsqueeze(1)
-        sol = torch.linalg.lstsq(a, b).solution.squeeze(1).tolist()
-        if all(s >= 0 for s in sol) or len(active) == 1:
-            coef = [0.0] * len(rows[0])
-            for j, s in zip(active, sol):
-                coef[j] = max(s, 0.0)
-            return coef
-        active = [j for j, s in zip(active, sol) if s >= 0]
 
 
 def _engine_steps(model: str | None, log) -> list[tuple[list, float]]:
@@ -224,7 +210,7 @@ def calibrate(model: str | None = None, output: str | None = None,
         tokens = sum(len(c.token_ids) for c in chunks)
         rows.append([1.0, float(len(chunks)), float(tokens), float(keys)])
         ys.append(seconds - cost.step(InstanceId(0), chunks).seconds)
-    per_step, per_seq, per_token, per_key = _lstsq_nonneg(rows, ys)
+    per_step, per_seq, per_token, per_key = nonneg_lstsq(rows, ys)
     if per_key > 0:  # the engine's own attention path, batched as it really runs
         per_key_layer = per_key / arch.num_layers
     else:

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from infinillm.cli import main
-from infinillm.sim.calibrate import _lstsq_nonneg
+from infinillm.cluster.perf_model import nonneg_lstsq
 from infinillm.sim.devices import load_profile
 
 
@@ -19,10 +19,10 @@ def test_the_fit_recovers_known_costs_and_clamps_negative_ones():
     rows = [[1.0, s, t, rng.uniform(0, 5000)] for s, t in
             ((rng.randint(1, 32), rng.randint(1, 512)) for _ in range(40))]
     ys = [sum(a * b for a, b in zip(r, truth)) for r in rows]
-    assert _lstsq_nonneg(rows, ys) == pytest.approx(truth, abs=1e-9)
+    assert nonneg_lstsq(rows, ys) == pytest.approx(truth, abs=1e-9)
     # a cost the data says is negative is 0, and the others are refitted without it
     ys = [y - 1e-6 * r[3] for y, r in zip(ys, rows)]
-    coef = _lstsq_nonneg(rows, ys)
+    coef = nonneg_lstsq(rows, ys)
     assert coef[3] == 0.0 and all(c >= 0 for c in coef)
 
 
