@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTION_BACKENDS = ("auto", "torch", "cpu_flash")
+_ATTENTION_BACKENDS = ("auto", "torch", "cpu_flash", "triton")
 _EXECUTORS = ("inproc", "ray", "sim")
 
 

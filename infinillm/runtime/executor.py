@@ -55,7 +55,7 @@ def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
         model = LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype), spec.dtype)
     arch = spec.arch
     storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks,
-                        spec.block_size, spec.dtype, spec.device)
+                        spec.block_size, spec.dtype, spec.device, writer=attention.write_kv)
     return Worker(iid, model, storage, attention, fabric, spec.eos_token_ids)
 
 
