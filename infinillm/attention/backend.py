@@ -50,8 +50,8 @@ class AttentionBackend(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-    @classmethod
-    def check_device(cls, device: str) -> None:  # noqa: B027 (optional hook)
+    @classmethod  # noqa: B027 (optional hook)
+    def check_device(cls, device: str) -> None:
         """Raise ValueError if this backend cannot run on `device` ("cpu", "cuda:1") in this
         process, for reasons beyond `devices` (the registry checks both before building)."""
 

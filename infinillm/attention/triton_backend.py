@@ -97,7 +97,8 @@ class TritonBackend(AttentionBackend):
         kernels.attention(query[:, None], out[:, None], lse[:, :, None], scale=scale,
                           num_kv_heads=key_cache.shape[0], key_cache=key_cache,
                           value_cache=value_cache, table=slot_table.contiguous(),
-                          table_block=1, num_keys=num_keys, mask=mask)
+                          table_block=1, num_keys=num_keys, max_keys=mask.shape[1],
+                          mask=mask)
         return out, lse
 
     def blocks_attention(self, query, key_cache, value_cache, block_ids, num_tokens, *,
