@@ -31,10 +31,10 @@ except ImportError as exc:  # triton is a test / GPU requirement, not a core one
                       "(pip install triton==3.9.0)") from exc
 
 _NOT_INTERPRETED = (
-    "attention backend 'triton' got CPU tensors, but its kernels were compiled for a GPU: "
-    "on CPU they run under Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
-    "environment before triton is imported (start the process with it set); or choose "
-    "attention_backend 'cpu_flash' or 'torch' for CPU"
+    "attention backend 'triton' on CPU tensors runs under Triton's interpreter, which needs "
+    "TRITON_INTERPRET=1 in the environment before triton is imported (start the process with it "
+    "set; kernels defined without it are compiled for a GPU); or choose attention_backend "
+    "'cpu_flash' or 'torch' for CPU"
 )
 
 
@@ -50,13 +50,13 @@ class TritonBackend(AttentionBackend):
 
     @classmethod
     def check_device(cls, device: str) -> None:
-        if device.split(":")[0] == "cpu" and not kernels.INTERPRETED:
+        if kernels.MODE == "mixed" or (device.split(":")[0] == "cpu"
+                                       and kernels.MODE != "interpreted"):
             raise ValueError(_NOT_INTERPRETED)
 
-    @staticmethod
-    def _check(tensor: torch.Tensor) -> None:
-        if tensor.device.type == "cpu" and not kernels.INTERPRETED:
-            raise ValueError(_NOT_INTERPRETED)
+    @classmethod
+    def _check(cls, tensor: torch.Tensor) -> None:
+        cls.check_device(tensor.device.type)
         if tensor.device.type not in ("cpu", "cuda"):
             raise ValueError(f"attention backend 'triton' runs on cuda and cpu tensors, not on "
                              f"{tensor.device}")

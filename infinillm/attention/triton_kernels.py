@@ -1,8 +1,8 @@
 """The "triton" backend's kernels: paged attention returning (out, lse), the exact merge, KV writes.
 
 Whether these kernels are compiled for a GPU or run by Triton's interpreter (numpy, CPU tensors)
-is fixed when this module is imported: `@triton.jit` reads TRITON_INTERPRET then. `INTERPRETED`
-records which; triton_backend.py refuses CPU tensors when it is False.
+is fixed when triton and this module are imported: `@triton.jit` reads TRITON_INTERPRET then.
+`MODE` records which; triton_backend.py refuses CPU tensors unless it is "interpreted".
 
 One attention kernel serves every case. A program takes BLOCK_M query rows of one sequence and
 one KV head, a row being (query position, query head of that KV head's group): a decode step's
@@ -30,6 +30,12 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 _LOG2E = 1.4426950408889634
+
+# What tl.max and tl.sum reduce with, called through tl.reduce directly: the same code on a GPU,
+# and under the interpreter its numpy fast path (it recognises these two combine functions)
+# without the cost of a nested jit call, which it pays per call (~10 ms).
+_max = tl.standard._elementwise_max
+_add = tl.standard._sum_combine
 
 
 @triton.jit
@@ -68,8 +74,8 @@ def _attention_kernel(
     q = tl.load(q_ptr + seq * stride_qs + qpos[:, None] * stride_ql + head[:, None] * stride_qh
                 + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
     # One loop over this program's key tiles: cache tiles first, then direct tiles, each tile
     # from one source, so that the online-softmax update below is written once.
@@ -80,7 +86,7 @@ def _attention_kernel(
             hi = tl.minimum(tl.load(num_keys_ptr + seq), lo + keys_per_split)
         else:
             hi = tl.minimum(num_cache_keys, lo + keys_per_split)
-    cache_end = lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N
+    cache_end = lo + (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     end = cache_end
     if HAS_DIRECT:
         n_direct = num_direct_keys
@@ -96,10 +102,9 @@ def _attention_kernel(
                             other=0)
             slot = entry.to(tl.int64) * table_block + offs % table_block
             kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_head * stride_ch + slot[:, None] * stride_cslot
-                        + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_head * stride_ch + slot[:, None] * stride_cslot
-                        + d[None, :], mask=kv_mask, other=0.0)
+            kv_off = kv_head * stride_ch + slot[:, None] * stride_cslot + d[None, :]
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
             if HAS_MASK:  # additive, natural-log units: times log2(e)
                 add = tl.load(mask_ptr + seq * stride_ms + offs, mask=key_ok, other=0.0)
@@ -120,11 +125,11 @@ def _attention_kernel(
             s = tl.where(seen, s, float("-inf"))
         # Online softmax in log2 units. A row that has seen only -inf keeps m_i = -inf;
         # shifting by 0 there keeps exp2 finite (exp2(-inf) = 0): no -inf - -inf NaN forms.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE),
                                              input_precision="ieee")
         m_i = m_new
@@ -159,8 +164,8 @@ def _merge_kernel(outs_ptr, lses_ptr, out_ptr, lse_ptr, num_parts, num_rows, num
     peak = tl.where(peak == float("-inf"), 0.0, peak)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     tile_ok = row_ok[:, None] & (d < head_dim)[None, :]
-    total = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    total = tl.full([BLOCK_R], 0.0, tl.float32)
+    acc = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
     for j in range(0, num_parts):
         lse_j = tl.load(lses_ptr + j * num_rows + lse_off, mask=row_ok, other=float("-inf"))
         w = tl.exp(lse_j - peak)
@@ -193,7 +198,12 @@ def _write_kv_kernel(slots_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, nu
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
-INTERPRETED = isinstance(_attention_kernel, InterpretedFunction)
+# Interpreted only if triton itself was imported under TRITON_INTERPRET=1: its own jit'd library
+# functions (tl.zeros, tl.max, ...) are decorated at triton's import, and the interpreter cannot
+# call compiled ones. "mixed" (ours interpreted, triton's compiled) runs nowhere.
+_OURS = isinstance(_attention_kernel, InterpretedFunction)
+_TRITONS = isinstance(tl.zeros, InterpretedFunction)
+MODE = "interpreted" if _OURS and _TRITONS else "compiled" if not _OURS else "mixed"
 
 
 # ---- launchers --------------------------------------------------------------------------------
@@ -212,7 +222,7 @@ def _dot_dtype(dtype: torch.dtype):
     widened to float32 first, which is exact (p is still rounded to bfloat16 before p @ V, as on
     the GPU)."""
     if dtype == torch.bfloat16:
-        return tl.float32 if INTERPRETED else tl.bfloat16
+        return tl.float32 if MODE == "interpreted" else tl.bfloat16
     return {torch.float32: tl.float32, torch.float16: tl.float16}[dtype]
 
 

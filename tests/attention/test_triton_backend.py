@@ -1,15 +1,14 @@
-"""The "triton" backend's kernels under Triton's interpreter (CPU tensors), against float64.
+"""The "triton" backend's kernels against float64, and the engine on it against transformers.
 
-TRITON_INTERPRET=1 must be set when the kernels are defined (`@triton.jit` reads it then): the
-module fixture sets it for these tests only, (re)loads the kernels under it, and restores the
-environment afterwards; other tests never see it. The interpreter runs every program in numpy,
-one after another: shapes stay tiny. Every kernel is checked against plain torch math in
-float64 on the same (rounded) inputs; the whole engine against Hugging Face transformers.
+Without a GPU the kernels run on CPU tensors under Triton's interpreter: tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton (the interpreter cannot be switched on later).
+It runs every program in numpy, one after another, so shapes stay tiny. With a GPU the same
+tests run on CUDA tensors, compiled. Every kernel is checked against plain torch math in float64
+on the same (rounded) inputs.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import subprocess
@@ -24,35 +23,34 @@ from infinillm import LLM, SamplingParams
 # row that saw nothing, NaN * 0 in a partial the merge then leaves out.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D = 64
 TOLERANCES = {torch.float32: 3e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def kernels():
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRITON_INTERPRET", "1")
-        module = importlib.import_module("infinillm.attention.triton_kernels")
-        if not module.INTERPRETED:  # defined earlier in this process without the interpreter
-            module = importlib.reload(module)
-        assert module.INTERPRETED
-        yield module
+    from infinillm.attention import triton_kernels
+
+    expected = "interpreted" if DEVICE == "cpu" else "compiled"
+    assert triton_kernels.MODE == expected, "TRITON_INTERPRET must be set as tests/conftest.py does"
+    return triton_kernels
 
 
 @pytest.fixture
-def triton_backend():
+def triton_backend(kernels):
     from infinillm.attention import get_backend
 
-    return get_backend("triton", "cpu")
+    return get_backend("triton", DEVICE)
 
 
 def reference(q, keys, values, visible):
     """float64 attention. q [Lq, Hq, D]; keys, values [Hkv, Lk, D]; visible [Lq, Lk] bool.
     Returns (out [Lq, Hq, D], lse [Hq, Lq]); rows that see nothing: out 0, lse -inf."""
     group = q.shape[1] // keys.shape[0]
-    k = keys.double().repeat_interleave(group, 0)
-    v = values.double().repeat_interleave(group, 0)
-    scores = torch.einsum("qhd,hkd->hqk", q.double(), k) / math.sqrt(q.shape[-1])
+    k = keys.cpu().double().repeat_interleave(group, 0)
+    v = values.cpu().double().repeat_interleave(group, 0)
+    scores = torch.einsum("qhd,hkd->hqk", q.cpu().double(), k) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(scores, -1)
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
@@ -61,7 +59,8 @@ def reference(q, keys, values, visible):
 
 def assert_close(out, lse, ref_out, ref_lse, dtype=torch.float32):
     assert out.dtype == dtype and lse.dtype == torch.float32
-    tol = TOLERANCES[dtype]
+    assert out.device.type == lse.device.type == DEVICE
+    out, lse, tol = out.cpu(), lse.cpu(), TOLERANCES[dtype]
     torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     torch.testing.assert_close(lse.double(), ref_lse, atol=3e-6, rtol=3e-6)
@@ -70,7 +69,7 @@ def assert_close(out, lse, ref_out, ref_lse, dtype=torch.float32):
 def block_cache(num_blocks, block_size, hkv, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     shape = (hkv, num_blocks, block_size, D)
-    keys, values = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    keys, values = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
     return gen, keys, values
 
 
@@ -101,15 +100,16 @@ def test_padded_decode_over_ragged_sequences(triton_backend, block_size, dtype, 
             * block_size + pos % block_size
         mask[i, ..., :n] = 0.0
     mask[4, ..., 2:5] = -math.inf  # holes
-    q = torch.randn(len(lens), hkv * group, D, generator=gen).to(dtype)
-    out, lse = triton_backend.padded_decode_attention(q, kc, vc, slot_table, mask, scale=D**-0.5)
+    q = torch.randn(len(lens), hkv * group, D, generator=gen).to(DEVICE, dtype)
+    out, lse = triton_backend.padded_decode_attention(q, kc, vc, slot_table.to(DEVICE),
+                                                      mask.to(DEVICE), scale=D**-0.5)
     assert out.shape == q.shape and lse.shape == (len(lens), hkv * group)
     for i, (n, table) in enumerate(zip(lens, tables)):
         visible = (mask[i, 0, 0, :n] == 0)[None]
         ref_out, ref_lse = reference(q[i : i + 1], positions_kv(kc, table, n),
                                      positions_kv(vc, table, n), visible)
         assert_close(out[i : i + 1], lse[i][:, None], ref_out, ref_lse, dtype)
-    assert (out[3] == 0).all() and torch.isneginf(lse[3]).all()
+    assert (out[3] == 0).all() and torch.isneginf(lse[3]).all()  # saw nothing
 
 
 def test_split_keys_decode_matches(triton_backend, kernels, monkeypatch):
@@ -117,7 +117,7 @@ def test_split_keys_decode_matches(triton_backend, kernels, monkeypatch):
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 64)
     monkeypatch.setattr(kernels, "target_programs", lambda device: 64)
     gen, kc, vc = block_cache(40, 5, 2, torch.float32, seed=7)
-    q = torch.randn(3, 4, D, generator=gen)
+    q = torch.randn(3, 4, D, generator=gen).to(DEVICE)
     table = torch.randperm(40, generator=gen).tolist()
     out, lse = triton_backend.blocks_attention(q, kc, vc, table, 197, scale=D**-0.5)
     ref = reference(q, positions_kv(kc, table, 197), positions_kv(vc, table, 197),
@@ -133,7 +133,7 @@ def test_blocks_attention_over_fragmented_table(triton_backend, block_size):
     gen, kc, vc = block_cache(40, block_size, 2, torch.float32, seed=3)
     n = min(38, 40 * block_size)
     table = torch.randperm(40, generator=gen).tolist()
-    q = torch.randn(3, 6, D, generator=gen)
+    q = torch.randn(3, 6, D, generator=gen).to(DEVICE)
     out, lse = triton_backend.blocks_attention(q, kc, vc, table, n, scale=D**-0.5)
     ref = reference(q, positions_kv(kc, table, n), positions_kv(vc, table, n),
                     torch.ones(3, n, dtype=torch.bool))
@@ -152,14 +152,14 @@ def test_chunk_over_prefix_and_remote_partials(triton_backend, dtype, block_size
     lq, hkv, group, remote = 7, 2, 2, 11
     gen, kc, vc = block_cache(30, block_size, hkv, dtype, seed=block_size + prefix)
     table = torch.randperm(30, generator=gen).tolist()
-    q = torch.randn(lq, hkv * group, D, generator=gen).to(dtype)
-    # the model's rows [T, Hkv, D], transposed as the worker passes them (a strided view)
-    k_rows = torch.randn(lq, hkv, D, generator=gen).to(dtype)
-    v_rows = torch.randn(lq, hkv, D, generator=gen).to(dtype)
-    far_k = torch.randn(hkv, remote, D, generator=gen).to(dtype)
-    far_v = torch.randn(hkv, remote, D, generator=gen).to(dtype)
+    q, k_rows, v_rows, far_k, far_v = (
+        torch.randn(shape, generator=gen).to(DEVICE, dtype)
+        for shape in [(lq, hkv * group, D), (lq, hkv, D), (lq, hkv, D), (hkv, remote, D),
+                      (hkv, remote, D)])
+    # k_rows, v_rows are the model's rows [T, Hkv, D], passed transposed as the worker does
     far = triton_backend.micro_attention(q, far_k, far_v)
-    nothing = (torch.full_like(q, math.nan), torch.full((hkv * group, lq), -math.inf))
+    nothing = (torch.full_like(q, math.nan),
+               torch.full((hkv * group, lq), -math.inf, device=DEVICE))
     out, lse = triton_backend.chunk_attention(
         q, k_rows.transpose(0, 1), v_rows.transpose(0, 1), kc, vc, table, prefix,
         scale=D**-0.5, partials=[far, nothing])
@@ -173,8 +173,8 @@ def test_chunk_over_prefix_and_remote_partials(triton_backend, dtype, block_size
 @pytest.mark.parametrize("causal", [False, True])
 def test_micro_attention_and_empty_keys(triton_backend, causal):
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(9, 3, D, generator=gen)
-    k, v = torch.randn(1, 9, D, generator=gen), torch.randn(1, 9, D, generator=gen)
+    q, k, v = (torch.randn(shape, generator=gen).to(DEVICE)
+               for shape in [(9, 3, D), (1, 9, D), (1, 9, D)])
     out, lse = triton_backend.micro_attention(q, k, v, causal=causal)
     visible = torch.ones(9, 9, dtype=torch.bool)
     assert_close(out, lse, *reference(q, k, v, visible.tril() if causal else visible))
@@ -192,19 +192,20 @@ def test_merge_leaves_out_partials_that_saw_nothing(triton_backend, num_parts, d
     gen = torch.Generator().manual_seed(num_parts)
     outs = [torch.randn(2, 3, 4, D, generator=gen).to(dtype) for _ in range(num_parts)]
     lses = [torch.randn(2, 4, 3, generator=gen) * 3 for _ in range(num_parts)]
+    # (built on CPU, the reference below reads them there)
     blind = torch.rand(num_parts, 2, 4, 3, generator=gen) < 0.4
     blind[:, 1, 2, 0] = True  # seen by nobody
     for j in range(num_parts):
         lses[j][blind[j]] = -math.inf
         outs[j][blind[j].transpose(-1, -2)] = math.nan if j % 2 else math.inf
-    out, lse = triton_backend.merge(outs, lses)
+    out, lse = triton_backend.merge([o.to(DEVICE) for o in outs], [x.to(DEVICE) for x in lses])
     stacked_lse = torch.stack(lses).double()
     ref_lse = torch.logsumexp(stacked_lse, 0)
     weights = torch.exp(stacked_lse - torch.where(torch.isfinite(ref_lse), ref_lse, 0))
     parts = torch.stack(outs).double().nan_to_num(0.0, 0.0, 0.0)  # blind parts have weight 0
     ref_out = (weights.transpose(-1, -2)[..., None] * parts).sum(0)
     assert_close(out, lse, ref_out, ref_lse, dtype)
-    assert (out[1, 0, 2] == 0).all() and torch.isneginf(lse[1, 2, 0])
+    assert (out[1, 0, 2] == 0).all() and torch.isneginf(lse[1, 2, 0])  # seen by nobody
     single = triton_backend.merge(outs[:1], lses[:1])
     assert single[0] is outs[0] and single[1] is lses[0]
 
@@ -214,11 +215,11 @@ def test_write_kv_matches_storage_semantics(triton_backend, dtype):
     from infinillm.kvcache import KVStorage
 
     gen = torch.Generator().manual_seed(8)
-    ours = KVStorage(2, 2, D, 6, 5, dtype, writer=triton_backend.write_kv)
-    plain = KVStorage(2, 2, D, 6, 5, dtype)
-    slots = torch.randperm(30, generator=gen)[:17]
-    rows = torch.randn(20, 2, D, generator=gen).to(dtype)
-    k, v = rows[:17], torch.randn(17, 2, D, generator=gen).to(dtype)
+    ours = KVStorage(2, 2, D, 6, 5, dtype, DEVICE, writer=triton_backend.write_kv)
+    plain = KVStorage(2, 2, D, 6, 5, dtype, DEVICE)
+    slots = torch.randperm(30, generator=gen)[:17].to(DEVICE)
+    k = torch.randn(17, 2, D, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(17, 2, D, generator=gen).to(DEVICE, dtype)
     for storage in (ours, plain):
         storage.write(1, slots, k, v)
         storage.write(0, slots[:3], k[[4, 0, 9]], v[[4, 0, 9]])  # gathered rows, as the worker
@@ -240,7 +241,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused():
 
 # ---- the engine against transformers ----------------------------------------------------------
 
-GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
 
 
 def hf_greedy(model, prompt, n):
@@ -251,31 +252,37 @@ def hf_greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the engine runs on CPU here, which needs the "
+                    "interpreter; with CUDA, TRITON_INTERPRET stays off")
 @pytest.mark.parametrize("tiny_model", ["llama", "qwen2"], indirect=True)
-@pytest.mark.parametrize("block_size, num_instances, num_blocks", [(1, 2, 40), (5, 3, 8),
-                                                                    (16, 2, 3)])
+@pytest.mark.parametrize("block_size, num_instances, num_blocks, long_len",
+                         [(1, 2, 20, 24), (5, 3, 3, 17), (16, 2, 2, 34)])
 def test_engine_tokens_equal_transformers_with_borrowing(tiny_model, block_size, num_instances,
-                                                         num_blocks):
+                                                         num_blocks, long_len):
+    """The long prompt outgrows one pool, so its owner borrows: its holders write K/V and
+    compute partials with their Triton kernels, the owner merges them with its own."""
     import transformers
 
     from infinillm.attention.triton_backend import TritonBackend
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     gen = torch.Generator().manual_seed(block_size)
-    batch = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (30, 9, 21)]
+    batch = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (long_len, 6)]
+    assert long_len + GREEDY.max_tokens > num_blocks * block_size  # more than one pool
     llm = LLM(tiny_model, attention_backend="triton", block_size=block_size,
               kv_blocks_per_instance=num_blocks, num_instances=num_instances,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=64)
     engine = llm.engine
     assert {type(w.attention) for w in engine.executor.workers.values()} == {TritonBackend}
     ids = [engine.add_request(p, GREEDY) for p in batch]
-    done = {}
+    done, borrowed = {}, 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
         engine.check_integrity()
+        borrowed = max(borrowed, sum(i.rmanager.num_lent_blocks for i in engine.instances))
     for rid, prompt in zip(ids, batch):
         assert done[rid] == hf_greedy(hf.eval(), prompt, GREEDY.max_tokens)
-    assert llm.cluster_stats()["remote_attention_calls"] > 0  # blocks were borrowed
+    assert borrowed > 0 and llm.cluster_stats()["remote_attention_calls"] > 0
     assert engine.num_free_blocks() == [num_blocks] * num_instances
