@@ -254,7 +254,9 @@ def hf_greedy(model, prompt, n):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the engine runs on CPU here, which needs the "
                     "interpreter; with CUDA, TRITON_INTERPRET stays off")
-@pytest.mark.parametrize("tiny_model", ["llama", "qwen2"], indirect=True)
+# Qwen2 (biases) in the slow tier, as for the other engine tests (tests/conftest.py)
+@pytest.mark.parametrize("tiny_model", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)],
+                         indirect=True)
 @pytest.mark.parametrize("block_size, num_instances, num_blocks, long_len",
                          [(1, 2, 20, 24), (5, 3, 3, 17), (16, 2, 2, 34)])
 def test_engine_tokens_equal_transformers_with_borrowing(tiny_model, block_size, num_instances,
