@@ -9,7 +9,7 @@ one KV head, a row being (query position, query head of that KV head's group): a
 group of heads shares every key load, and a chunk's positions fill the tile (GQA costs no extra
 key traffic). It walks keys in tiles of BLOCK_N with an online softmax in float32, from two
 sources:
-    the cache: positions [0, n) of a table (block ids, or flat slots with table_block 1), every
+    the cache: positions [0, n) of a table (block ids, or flat slots with TABLE_BLOCK 1), every
         key visible to every row, an optional additive mask per key (padded decode);
     direct keys [Hkv, Lk, D] (a chunk's fresh K/V, or a micro-attention's), causal or not.
 Scores live in the log2 domain (scale * log2(e) folded into one multiply, exp2 in the loop);
@@ -43,7 +43,7 @@ def _attention_kernel(
     q_ptr, out_ptr, lse_ptr,
     k_cache_ptr, v_cache_ptr, table_ptr, num_keys_ptr, mask_ptr,
     k_ptr, v_ptr,
-    scale_log2, num_queries, group, head_dim, table_block, num_cache_keys, num_direct_keys,
+    scale_log2, num_queries, group, head_dim, num_cache_keys, num_direct_keys,
     num_splits, keys_per_split,
     stride_qs, stride_ql, stride_qh,
     stride_o_split, stride_os, stride_ol, stride_oh,
@@ -52,7 +52,7 @@ def _attention_kernel(
     stride_ts, stride_ms,
     stride_kh, stride_kl, stride_kd, stride_vh, stride_vl, stride_vd,
     HAS_CACHE: tl.constexpr, KEYS_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DIRECT: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_DIRECT: tl.constexpr, CAUSAL: tl.constexpr, TABLE_BLOCK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -96,11 +96,13 @@ def _attention_kernel(
             end = cache_end + n_direct
     for start in range(lo, end, BLOCK_N):
         if start < cache_end:
-            offs = start + tl.arange(0, BLOCK_N).to(tl.int64)
+            # positions fit in int32 (and a constexpr TABLE_BLOCK makes // and % shifts);
+            # slots may not
+            offs = start + tl.arange(0, BLOCK_N)
             key_ok = offs < hi
-            entry = tl.load(table_ptr + seq * stride_ts + offs // table_block, mask=key_ok,
+            entry = tl.load(table_ptr + seq * stride_ts + offs // TABLE_BLOCK, mask=key_ok,
                             other=0)
-            slot = entry.to(tl.int64) * table_block + offs % table_block
+            slot = entry.to(tl.int64) * TABLE_BLOCK + offs % TABLE_BLOCK
             kv_mask = key_ok[:, None] & d_ok[None, :]
             kv_off = kv_head * stride_ch + slot[:, None] * stride_cslot + d[None, :]
             k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -311,7 +313,7 @@ def attention(
         k_flat, v_flat, table if has_cache else dummy, num_keys if per_seq else dummy,
         mask if mask is not None else dummy,
         key if has_direct else dummy, value if has_direct else dummy,
-        scale * _LOG2E, lq, group, d, table_block, 0 if per_seq else num_keys,
+        scale * _LOG2E, lq, group, d, 0 if per_seq else num_keys,
         key.shape[1] if has_direct else 0, splits, keys_per_split,
         query.stride(0), query.stride(1), query.stride(2),
         *dest.stride()[:4], *dest_lse.stride(),
@@ -320,7 +322,8 @@ def attention(
         *(key.stride() if has_direct else (0, 0, 0)),
         *(value.stride() if has_direct else (0, 0, 0)),
         HAS_CACHE=has_cache, KEYS_PER_SEQ=per_seq, HAS_MASK=mask is not None,
-        HAS_DIRECT=has_direct, CAUSAL=causal, DOT_DTYPE=_dot_dtype(query.dtype),
+        HAS_DIRECT=has_direct, CAUSAL=causal, TABLE_BLOCK=table_block,
+        DOT_DTYPE=_dot_dtype(query.dtype),
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d),
     )
     if splits > 1:
