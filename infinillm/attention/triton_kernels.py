@@ -24,6 +24,8 @@ accumulators throughout.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -244,6 +246,7 @@ SPLIT_MIN_KEYS = 512
 BLOCK_N = 64
 
 
+@functools.cache
 def target_programs(device: torch.device) -> int:
     """Programs a launch should have to fill `device`: two per SM on a GPU; on CPU (the
     interpreter runs programs one by one) as few as possible."""
@@ -253,6 +256,7 @@ def target_programs(device: torch.device) -> int:
 
 
 def num_splits(num_programs: int, max_keys: int, device: torch.device) -> int:
+    """Key splits for a launch of `num_programs` programs over up to `max_keys` cache keys."""
     most = max_keys // SPLIT_MIN_KEYS
     if most <= 1:
         return 1
@@ -290,6 +294,8 @@ def attention(
     value [Hkv, Lk, D], any strides; causal needs Lk == Lq (query i sees direct keys <= i).
     """
     s, lq, hq, d = query.shape
+    if s == 0 or lq == 0:
+        return
     group = hq // num_kv_heads
     block_m = _block_m(lq * group)
     m_tiles = triton.cdiv(lq * group, block_m)
