@@ -14,6 +14,8 @@ sources:
     direct keys [Hkv, Lk, D] (a chunk's fresh K/V, or a micro-attention's), causal or not.
 Scores live in the log2 domain (scale * log2(e) folded into one multiply, exp2 in the loop);
 lse is written in natural log. A row that saw no key ends with l_i = 0: out 0, lse -inf.
+A launch with too few programs for the GPU splits the cache keys (split-K); the splits' partials
+meet in the merge kernel, which is `partials.merge`'s exact merge.
 
 GPU notes: tl.dot needs M, N, K >= 16, so BLOCK_M and BLOCK_D are at least 16 (a decode group of
 4 heads pads its tile; decode is bound by key bytes, not by the wasted rows). float32 inputs use
@@ -35,7 +37,7 @@ _LOG2E = 1.4426950408889634
 
 # What tl.max and tl.sum reduce with, called through tl.reduce directly: the same code on a GPU,
 # and under the interpreter its numpy fast path (it recognises these two combine functions)
-# without the cost of a nested jit call, which it pays per call (~10 ms).
+# without the cost of a nested jit call (it re-patches the language per call: milliseconds).
 _max = tl.standard._elementwise_max
 _add = tl.standard._sum_combine
 
