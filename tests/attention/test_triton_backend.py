@@ -113,7 +113,8 @@ def test_padded_decode_over_ragged_sequences(triton_backend, block_size, dtype, 
 
 
 def test_split_keys_decode_matches(triton_backend, kernels, monkeypatch):
-    """Split-K (the GPU path for few long sequences): splits of 64 keys, merged exactly."""
+    """Split-K (the GPU path for few long sequences), forced with splits of 64 keys: a holder's
+    blocks, and padded decode where the shorter sequence has no key in its last split."""
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 64)
     monkeypatch.setattr(kernels, "target_programs", lambda device: 64)
     gen, kc, vc = block_cache(40, 5, 2, torch.float32, seed=7)
@@ -124,6 +125,17 @@ def test_split_keys_decode_matches(triton_backend, kernels, monkeypatch):
                     torch.ones(3, 197, dtype=torch.bool))
     assert_close(out, lse, *ref)
     assert kernels.num_splits(2, 197, q.device) == 3
+    slots = torch.randperm(200, generator=gen)[:130]
+    slot_table = torch.stack([slots, slots.roll(7)]).to(DEVICE)
+    mask = torch.zeros(2, 1, 1, 130)
+    mask[1, ..., 40:] = -math.inf
+    out, lse = triton_backend.padded_decode_attention(q[:2], kc, vc, slot_table, mask.to(DEVICE),
+                                                      scale=D**-0.5)
+    for i, n in enumerate([130, 40]):
+        keys, values = (c.view(2, -1, D)[:, slot_table[i, :n]] for c in (kc, vc))
+        ref = reference(q[i : i + 1], keys, values, torch.ones(1, n, dtype=torch.bool))
+        assert_close(out[i : i + 1], lse[i][:, None], *ref)
+    assert kernels.num_splits(4, 130, q.device) == 2
 
 
 # ---- a holder's blocks, a chunk over its prefix -----------------------------------------------
