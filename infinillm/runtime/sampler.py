@@ -8,14 +8,18 @@ in the batch and of preemption.
 Logit controls (min_tokens, logit_bias, repetition / frequency / presence penalties; semantics
 in SamplingParams) change a copy of the rows of the requests that set them, before the
 temperature, touching only the tokens of their history; a batch where no request sets one does
-no work for them. Logprobs are the
-log-softmax of the raw logits (`token_logprobs`), whatever the controls did.
+no work for them. Structured output comes last: the rows of constrained requests (and only
+those) get -inf on every token their grammar's bitmask does not allow (the engine computes the
+bitmasks, engine/grammar.py), so greedy and seeded sampling both stay inside the grammar.
+Logprobs are the log-softmax of the raw logits (`token_logprobs`), whatever the controls and
+the grammar did.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+import numpy as np
 import torch
 
 from infinillm.types import SamplingParams, TokenLogprobs
@@ -26,24 +30,59 @@ LOGIT_BOUND = 1e30  # |logit| after the controls; / 1e-5 stays below float32's 3
 def sample(logits: torch.Tensor, params: list[SamplingParams], num_output_tokens: list[int],
            prompt_ids: Sequence[list[int] | None] | None = None,
            output_ids: Sequence[list[int] | None] | None = None,
-           eos_token_ids: Collection[int] = ()) -> list[int]:
+           eos_token_ids: Collection[int] = (),
+           token_bitmasks: Sequence[np.ndarray | None] | None = None) -> list[int]:
     """logits [S, V] float32 -> one token id per row. `prompt_ids` / `output_ids` (per row, the
     request's prompt and output so far) are read only by rows whose penalties need them;
-    `eos_token_ids` are the ids `min_tokens` bans (besides `stop_token_ids`). `logits` is not
+    `eos_token_ids` are the ids `min_tokens` bans (besides `stop_token_ids`);
+    `token_bitmasks` (per row, None or the int32 bitmask [ceil(V' / 32)] of the tokens a
+    constrained request may sample) mask those rows after the controls. `logits` is not
     changed."""
-    adjusted: dict[int, torch.Tensor] = {}
+    rows: list[int] = []
+    sub = None
     if any(p.adjusts_logits for p in params):
         none = [None] * len(params)
         rows, sub = adjust_logits(logits, params, num_output_tokens, prompt_ids or none,
                                   output_ids or none, eos_token_ids)
-        adjusted = dict(zip(rows, sub))
+    masked = [i for i, m in enumerate(token_bitmasks or ()) if m is not None]
+    if masked:
+        rows, sub = _mask_rows(logits, rows, sub, masked, [token_bitmasks[i] for i in masked])
     if all(p.greedy for p in params):
         tokens = logits.argmax(dim=-1)
-        if adjusted:
+        if rows:
             tokens[rows] = sub.argmax(dim=-1)
         return tokens.tolist()
+    adjusted = dict(zip(rows, sub)) if rows else {}
     return [_sample_row(adjusted.get(i, logits[i]), p, n)
             for i, (p, n) in enumerate(zip(params, num_output_tokens))]
+
+
+def _mask_rows(logits: torch.Tensor, rows: list[int], sub: torch.Tensor | None, masked: list[int],
+               bitmasks: list[np.ndarray]) -> tuple[list[int], torch.Tensor]:
+    """Add the `masked` rows to the adjusted ones (`rows`, their logits `sub` [R, V]) and set
+    every token their bitmask (int32 [W] each) does not allow to -inf: -> (rows, logits
+    [R', V], a copy). Only these rows pay: one unpack of [M, W] words into [M, V] bits."""
+    index = {row: k for k, row in enumerate(rows)}
+    extra = [i for i in masked if i not in index]
+    if extra:
+        index.update((row, len(rows) + k) for k, row in enumerate(extra))
+        rows = rows + extra
+        sub = logits[extra] if sub is None else torch.cat([sub, logits[extra]])
+    words = torch.from_numpy(np.stack(bitmasks)).to(sub.device)
+    where = torch.tensor([index[i] for i in masked], dtype=torch.int64, device=sub.device)
+    sub[where] = sub[where].masked_fill_(~allowed_tokens(words, sub.shape[1]), float("-inf"))
+    return rows, sub
+
+
+def allowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """words [M, W] int32 (bit t % 32 of word t // 32 is token t, llguidance's layout) ->
+    allowed [M, vocab_size] bool; ids beyond 32 W are not allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = ((words[:, :, None] >> shifts) & 1).view(words.shape[0], -1).bool()
+    if bits.shape[1] >= vocab_size:
+        return bits[:, :vocab_size]
+    pad = bits.new_zeros(words.shape[0], vocab_size - bits.shape[1])
+    return torch.cat([bits, pad], dim=1)
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
