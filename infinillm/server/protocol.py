@@ -9,7 +9,8 @@ so that the server can log their names), as OpenAI-compatible clients send field
 versions and of other servers. Fields of the OpenAI API that we accept but do not implement
 (suffix, tools, ...) are declared so that their neutral values pass and anything else fails
 with a clear message. `response_format` (chat and, as vLLM accepts it, completions) is OpenAI's:
-`text`, `json_object`, `json_schema` (the engine compiles the schema; engine/grammar.py). vLLM extensions accepted: `top_k`, `ignore_eos`,
+`text`, `json_object`, `json_schema` (the engine compiles the schema; engine/grammar.py).
+vLLM extensions accepted: `top_k`, `ignore_eos`,
 `stop_token_ids`, `include_stop_str_in_output`, `repetition_penalty`, `min_tokens`.
 
 Responses follow the OpenAI shapes field for field (`null` where OpenAI sends null), so that the
