@@ -61,28 +61,33 @@ def _mask_rows(logits: torch.Tensor, rows: list[int], sub: torch.Tensor | None, 
                bitmasks: list[np.ndarray]) -> tuple[list[int], torch.Tensor]:
     """Add the `masked` rows to the adjusted ones (`rows`, their logits `sub` [R, V]) and set
     every token their bitmask (int32 [W] each) does not allow to -inf: -> (rows, logits
-    [R', V], a copy). Only these rows pay: one unpack of [M, W] words into [M, V] bits."""
+    [R', V], a copy). Only these rows pay: one unpack of [M, W] words into [M, V] bits, one
+    masked fill."""
+    words = torch.from_numpy(np.stack(bitmasks)).to(logits.device)
+    banned = disallowed_tokens(words, logits.shape[1])
+    if not rows:  # the common case: no logit control in the batch
+        return masked, logits[masked].masked_fill_(banned, float("-inf"))
     index = {row: k for k, row in enumerate(rows)}
     extra = [i for i in masked if i not in index]
     if extra:
         index.update((row, len(rows) + k) for k, row in enumerate(extra))
         rows = rows + extra
-        sub = logits[extra] if sub is None else torch.cat([sub, logits[extra]])
-    words = torch.from_numpy(np.stack(bitmasks)).to(sub.device)
+        sub = torch.cat([sub, logits[extra]])
     where = torch.tensor([index[i] for i in masked], dtype=torch.int64, device=sub.device)
-    sub[where] = sub[where].masked_fill_(~allowed_tokens(words, sub.shape[1]), float("-inf"))
+    sub[where] = sub[where].masked_fill_(banned, float("-inf"))
     return rows, sub
 
 
-def allowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """words [M, W] int32 (bit t % 32 of word t // 32 is token t, llguidance's layout) ->
-    allowed [M, vocab_size] bool; ids beyond 32 W are not allowed."""
+def disallowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """words [M, W] int32 (bit t % 32 of word t // 32 set: token t allowed; llguidance's
+    layout) -> [M, vocab_size] bool, True where the token is not allowed (ids beyond 32 W are
+    not)."""
     shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    bits = ((words[:, :, None] >> shifts) & 1).view(words.shape[0], -1).bool()
-    if bits.shape[1] >= vocab_size:
-        return bits[:, :vocab_size]
-    pad = bits.new_zeros(words.shape[0], vocab_size - bits.shape[1])
-    return torch.cat([bits, pad], dim=1)
+    banned = (((words[:, :, None] >> shifts) & 1) == 0).view(words.shape[0], -1)
+    if banned.shape[1] >= vocab_size:
+        return banned[:, :vocab_size]
+    pad = banned.new_ones(words.shape[0], vocab_size - banned.shape[1])
+    return torch.cat([banned, pad], dim=1)
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],

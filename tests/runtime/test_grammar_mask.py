@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from infinillm.runtime.sampler import allowed_tokens, sample
+from infinillm.runtime.sampler import disallowed_tokens, sample
 from infinillm.types import SamplingParams
 
 V = 100  # 4 words of 32 bits cover 128 ids
@@ -22,12 +22,12 @@ def bitmask_of(allowed: set[int], num_words: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("vocab_size", [70, 96, 128, 150])
-def test_allowed_tokens_match_numpy_unpackbits(vocab_size):
+def test_disallowed_tokens_match_numpy_unpackbits(vocab_size):
     rng = np.random.default_rng(0)
     words = rng.integers(-2**31, 2**31, size=(3, 3), dtype=np.int64).astype(np.int32)
     expected = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(bool)
     width = min(vocab_size, 96)
-    got = allowed_tokens(torch.from_numpy(words), vocab_size).numpy()
+    got = ~disallowed_tokens(torch.from_numpy(words), vocab_size).numpy()
     assert got.shape == (3, vocab_size)
     assert (got[:, :width] == expected[:, :width]).all()
     assert not got[:, width:].any()  # ids beyond the bitmask are never allowed
