@@ -1,9 +1,9 @@
 """Structured output: JSON schemas compiled into token-level grammars, one matcher per request.
 
-The grammar library is llguidance (Microsoft's, the one vLLM, SGLang and llama.cpp use): from
-the tokenizer's vocabulary and a grammar it computes, at each step, the set of tokens that keep
-the output a prefix of a sentence of the grammar, as a bitmask (bit t % 32 of int32 word t // 32
-is token t).
+The grammar library is llguidance (microsoft/llguidance, also a backend of vLLM, SGLang and
+llama.cpp): from the tokenizer's vocabulary and a grammar it computes, at each step, the set of
+tokens that keep the output a prefix of a sentence of the grammar, as a bitmask (bit t % 32 of
+int32 word t // 32 is token t).
 
 Contract:
 - `check(params)` compiles a request's `json_schema` (once per distinct schema text: compiled
