@@ -22,6 +22,7 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
@@ -34,6 +35,8 @@ from infinillm.types import Request, RequestId, SamplingParams, StepPlan
 
 if TYPE_CHECKING:
     import llguidance
+
+logger = logging.getLogger("infinillm")
 
 MAX_CACHED_GRAMMARS = 256
 # JSON as compact as OpenAI writes it: no whitespace between tokens (a grammar that allows any
@@ -52,12 +55,14 @@ class RequestGrammar:
 
     def accept(self, token_id: int) -> bool:
         """Advance by a sampled token; True when the grammar is complete (nothing but EOS may
-        follow). RuntimeError if the token was not allowed: the sampler applies the mask, so
-        that is a bug, not bad input."""
-        if not self.matcher.consume_token(token_id):
-            raise RuntimeError(f"request {self.request_id!r} sampled token {token_id}, which "
-                               f"its grammar does not allow: {self.matcher.get_error()}")
-        return self.matcher.is_stopped()
+        follow), or when the token was not allowed. The sampler applies the mask, so that can
+        only happen when every allowed token was banned too (`min_tokens` bans the request's
+        `stop_token_ids`): the request then ends (logged), rather than the engine."""
+        if self.matcher.consume_token(token_id):
+            return self.matcher.is_stopped()
+        logger.warning("request %s sampled token %d, which its grammar does not allow (%s); "
+                       "ending it", self.request_id, token_id, self.matcher.get_error())
+        return True
 
 
 class StructuredOutput:

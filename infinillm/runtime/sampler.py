@@ -63,8 +63,7 @@ def _mask_rows(logits: torch.Tensor, rows: list[int], sub: torch.Tensor | None, 
     every token their bitmask (int32 [W] each) does not allow to -inf: -> (rows, logits
     [R', V], a copy). Only these rows pay: one unpack of [M, W] words into [M, V] bits, one
     masked fill."""
-    words = torch.from_numpy(np.stack(bitmasks)).to(logits.device)
-    banned = disallowed_tokens(words, logits.shape[1])
+    banned = banned_tokens(np.stack(bitmasks), logits.shape[1], logits.device)
     if not rows:  # the common case: no logit control in the batch
         return masked, logits[masked].masked_fill_(banned, float("-inf"))
     index = {row: k for k, row in enumerate(rows)}
@@ -78,16 +77,28 @@ def _mask_rows(logits: torch.Tensor, rows: list[int], sub: torch.Tensor | None, 
     return rows, sub
 
 
-def disallowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def banned_tokens(words: np.ndarray, vocab_size: int, device: torch.device) -> torch.Tensor:
     """words [M, W] int32 (bit t % 32 of word t // 32 set: token t allowed; llguidance's
-    layout) -> [M, vocab_size] bool, True where the token is not allowed (ids beyond 32 W are
-    not)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    banned = (((words[:, :, None] >> shifts) & 1) == 0).view(words.shape[0], -1)
+    layout) -> [M, vocab_size] bool on `device`, True where the token is not allowed (ids
+    beyond 32 W are not). On the CPU numpy's unpackbits (one C pass over the inverted words,
+    viewed as bool without a copy: ~10 us for 49k ids); elsewhere shifts on the device, so
+    that only the words cross to it."""
+    if device.type == "cpu":
+        bits = np.unpackbits((~words).view(np.uint8), axis=1, bitorder="little")
+        banned = torch.from_numpy(bits).view(torch.bool)
+    else:
+        banned = banned_by_shifts(torch.from_numpy(words).to(device))
     if banned.shape[1] >= vocab_size:
         return banned[:, :vocab_size]
     pad = banned.new_ones(words.shape[0], vocab_size - banned.shape[1])
     return torch.cat([banned, pad], dim=1)
+
+
+def banned_by_shifts(words: torch.Tensor) -> torch.Tensor:
+    """words [M, W] int32 -> [M, 32 W] bool (True: bit not set), with tensor ops on their
+    device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    return (((words[:, :, None] >> shifts) & 1) == 0).view(words.shape[0], -1)
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],

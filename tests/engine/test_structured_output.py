@@ -101,6 +101,35 @@ def test_the_unconstrained_model_does_not_follow_the_schema(llm):
         json.loads(out.outputs[0].text)
 
 
+def test_eos_only_once_the_value_is_complete(llm):
+    """EOS pushed up by logit_bias is sampled as soon as the grammar accepts (an integer after
+    its first digit may go on, or end), never before: the output is a complete integer."""
+    schema = {"type": "integer"}
+    out = llm.generate("Hello", SamplingParams(max_tokens=20, temperature=0, json_schema=schema,
+                                               logit_bias={0: 100.0}), use_tqdm=False)[0]
+    completion = out.outputs[0]
+    assert completion.finish_reason == "stop" and completion.token_ids[-1] == 0
+    assert len(completion.token_ids) >= 2
+    assert isinstance(json.loads(completion.text), int)
+
+
+def test_a_token_outside_the_grammar_ends_the_request_not_the_engine(llm):
+    """Only possible when min_tokens bans every allowed token (its stop_token_ids): here the
+    one value of the schema is 5, and the token "5" is a stop token banned for 5 tokens."""
+    five = llm.get_tokenizer().encode("5")
+    assert len(five) == 1
+    params = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=five, min_tokens=5,
+                            json_schema={"type": "integer", "minimum": 5, "maximum": 5})
+    out = llm.generate("Hello", params, use_tqdm=False)[0]
+    assert out.finished and len(out.outputs[0].token_ids) == 1
+    assert out.outputs[0].token_ids != five
+    assert not llm.engine.structured.matchers
+    llm.engine.check_integrity()
+    # the engine goes on: the same schema without the ban gives its one value
+    params = SamplingParams(max_tokens=20, temperature=0, json_schema=params.json_schema)
+    assert llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].text == "5"
+
+
 def test_json_object_gives_a_json_object(llm):
     """{"type": "object"} (OpenAI's json_object): a parseable object whenever the grammar
     completes; with random weights an object may stay open to max_tokens, so several seeds

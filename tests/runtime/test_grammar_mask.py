@@ -1,7 +1,7 @@
-"""The sampler's structured-output mask: bit unpacking against numpy's `unpackbits` (an
-independent reference for llguidance's layout), masked rows sample only allowed tokens (greedy
-and seeded, with logit controls on top), unmasked rows of the same batch give what they give
-with no mask anywhere, and the logits are not changed."""
+"""The sampler's structured-output mask: bit unpacking against a bit-by-bit reference of
+llguidance's layout (the CPU path and the tensor path of other devices), masked rows sample
+only allowed tokens (greedy and seeded, with logit controls on top), unmasked rows of the same
+batch give what they give with no mask anywhere, and the logits are not changed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from infinillm.runtime.sampler import disallowed_tokens, sample
+from infinillm.runtime.sampler import banned_by_shifts, banned_tokens, sample
 from infinillm.types import SamplingParams
 
 V = 100  # 4 words of 32 bits cover 128 ids
@@ -22,15 +22,18 @@ def bitmask_of(allowed: set[int], num_words: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("vocab_size", [70, 96, 128, 150])
-def test_disallowed_tokens_match_numpy_unpackbits(vocab_size):
+def test_banned_tokens_match_a_per_bit_reference(vocab_size):
     rng = np.random.default_rng(0)
     words = rng.integers(-2**31, 2**31, size=(3, 3), dtype=np.int64).astype(np.int32)
-    expected = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    # token t is allowed iff bit t % 32 of word t // 32 is set: Python ints, bit by bit
+    expected = [[bool((int(words[m, t // 32]) >> (t % 32)) & 1) if t < 96 else False
+                 for t in range(vocab_size)] for m in range(3)]
+    got = ~banned_tokens(words, vocab_size, torch.device("cpu"))
+    assert got.tolist() == expected
+    # the path of other devices (tensor shifts), run here on CPU tensors
+    shifted = ~banned_by_shifts(torch.from_numpy(words))
     width = min(vocab_size, 96)
-    got = ~disallowed_tokens(torch.from_numpy(words), vocab_size).numpy()
-    assert got.shape == (3, vocab_size)
-    assert (got[:, :width] == expected[:, :width]).all()
-    assert not got[:, width:].any()  # ids beyond the bitmask are never allowed
+    assert shifted[:, :width].tolist() == [row[:width] for row in expected]
 
 
 def batch_params() -> list[SamplingParams]:
