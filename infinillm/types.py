@@ -95,7 +95,10 @@ class SamplingParams:
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
         if isinstance(self.json_schema, dict):
-            self.json_schema = json.dumps(self.json_schema)
+            try:
+                self.json_schema = json.dumps(self.json_schema)
+            except (TypeError, ValueError) as e:  # a value JSON cannot hold
+                raise ValueError(f"json_schema is not JSON: {e}") from None
         if self.json_schema is not None and not isinstance(self.json_schema, str):
             raise ValueError(f"json_schema must be a JSON schema (str or dict) or None, got "
                              f"{self.json_schema!r}")

@@ -213,6 +213,12 @@ def test_a_schema_that_does_not_compile_is_refused(llm, schema, reason):
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("schema", [{"type": {1, 2}}, 7, ["x"]])
+def test_a_json_schema_that_is_no_json_text_or_object_is_refused(schema):
+    with pytest.raises(ValueError, match="^json_schema"):
+        SamplingParams(json_schema=schema)
+
+
 def test_a_model_without_tokenizer_refuses_a_schema(tiny_llama):
     llm = LLM(tiny_llama)
     with pytest.raises(ValueError, match="json_schema needs the model's tokenizer"):
