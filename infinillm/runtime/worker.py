@@ -165,7 +165,8 @@ class Worker:
         tokens = sample(logits, [c.params for c in sampled],
                         [c.num_output_tokens for c in sampled],
                         [c.prompt_token_ids for c in sampled],
-                        [c.output_token_ids for c in sampled], self.eos_token_ids)
+                        [c.output_token_ids for c in sampled], self.eos_token_ids,
+                        [c.token_bitmask for c in sampled])
         result.sampled = {c.request_id: t for c, t in zip(sampled, tokens)}
         rows = [i for i, c in enumerate(sampled) if c.params.logprobs is not None]
         if rows:
