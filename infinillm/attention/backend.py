@@ -116,10 +116,10 @@ class AttentionBackend(ABC):
         """
         out, lse = self._padded_decode_attention(query, key_cache, value_cache, slot_table,
                                                  mask, scale=scale)
+        # Unconditional (no `if empty.any()`): asking would wait for the device every layer.
         empty = torch.isneginf(mask).all(dim=-1).reshape(-1)  # [B]
-        if bool(empty.any()):
-            out = out.masked_fill(empty[:, None, None], 0.0)
-            lse = lse.masked_fill(empty[:, None], -math.inf)
+        out = out.masked_fill(empty[:, None, None], 0.0)
+        lse = lse.masked_fill(empty[:, None], -math.inf)
         return out, lse
 
     @abstractmethod

@@ -29,6 +29,7 @@ class KVStorage:
         shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = self.keys.device
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.writer = writer  # a backend's write kernel (its write_kv), else the torch path

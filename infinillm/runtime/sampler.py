@@ -185,7 +185,10 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     generator = None
     if p.seed is not None:
-        generator = torch.Generator().manual_seed(hash((p.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        # The generator lives where probs do (multinomial needs that): a seed gives the same
+        # tokens on the same device type, not across CPU and CUDA.
+        generator = torch.Generator(probs.device)
+        generator.manual_seed(hash((p.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
