@@ -26,8 +26,9 @@ from infinillm.types import SamplingParams
 TINY = "tiny"
 TINY_BLOCKS = 8  # 128 tokens of 16 per instance: a 200-token prompt borrows
 DEADLINE_S = 60.0  # bounds every wait: a hang fails the test instead of stalling the suite
-LONG = {"model": TINY, "prompt": [5, 6, 7], "max_tokens": 1000, "temperature": 0,
-        "ignore_eos": True}
+# logprobs: without a tokenizer a stream's text is empty; its logprobs make an event per token.
+LONG = {"model": TINY, "prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0,
+        "ignore_eos": True, "logprobs": 0}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def tiny_served(serve_engine, tiny_llama):
 
 @pytest.fixture
 def own_core(serve_engine, tiny_llama):
-    """A core of its own, to be killed or stopped by the test."""
+    """A core of its own, to be killed or stopped by the test (two LONG requests fit at once)."""
     served = serve_engine(Config.from_kwargs(model=tiny_llama, kv_blocks_per_instance=64), TINY)
     yield served
     served.stop()
