@@ -130,7 +130,8 @@ class EngineClient:
             message = self.codec.decode_from_core(self._inbox.recv())
             if isinstance(message, Ready):
                 return message
-            if isinstance(message, Dead):
+            if isinstance(message, Dead):  # the core exits by itself after sending it
+                self.process.join(JOIN_TIMEOUT_S)
                 raise (ValueError if message.bad_config else RuntimeError)(message.message)
         self.process.join(5)
         raise RuntimeError(f"the engine core process exited with code {self.process.exitcode} "

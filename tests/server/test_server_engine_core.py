@@ -1,7 +1,8 @@
 """The engine in its own process (server/core.py behind server/client.py's EngineClient):
 greedy tokens through the process and the `openai` client equal Hugging Face transformers'
 own, an abort crosses to the core and frees every block (read from the core by a query), and a
-core that is killed or shut down answers 503 to waiting and new requests, never a hang.
+core that is killed or shut down answers 503 to waiting and new requests, never a hang; a Ray
+executor runs behind the core (which starts and stops its actors).
 
 The kill and shutdown tests each start a core of their own on a tiny random Llama (the shared
 `served` core must live on)."""
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from infinillm.config import Config
+from infinillm.server.client import EngineClient
 from infinillm.types import SamplingParams
 
 TINY = "tiny"
@@ -182,3 +184,36 @@ def test_shutdown_ends_open_streams_and_joins_the_core(own_core):
     _assert_503(events)
     assert health.status_code == 503
     assert client.process.exitcode == 0  # it stopped on the Shutdown message, not a signal
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a Ray cluster and its actors, started by the core process
+def test_the_core_process_owns_a_ray_executor(tiny_llama):
+    from infinillm import LLM
+
+    settings = dict(block_size=4, kv_blocks_per_instance=14, num_instances=2,
+                    max_num_batched_tokens=16)
+    gen = torch.Generator().manual_seed(1)
+    batch = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (70, 9)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    # The in-process engine (itself checked against transformers in tests/engine).
+    expected = [o.outputs[0].token_ids
+                for o in LLM(tiny_llama, **settings).generate(batch, greedy, use_tqdm=False)]
+    client = EngineClient(Config.from_kwargs(model=tiny_llama, executor="ray",
+                                             dist_timeout_s=5.0, **settings))
+
+    async def generate(prompt: list[int]) -> list[int]:
+        outs = [o async for o in client.generate(prompt, greedy)]
+        return outs[-1].outputs[0].token_ids
+
+    async def both() -> list[list[int]]:
+        return list(await asyncio.gather(*map(generate, batch)))
+
+    try:
+        assert asyncio.run(asyncio.wait_for(both(), 4 * DEADLINE_S)) == expected
+        # 70 tokens are more than one pool of 14 blocks of 4: blocks were borrowed across actors
+        assert client.call("cluster_stats")["remote_attention_calls"] > 0
+        client.check_integrity()
+    finally:
+        client.shutdown()
+    assert client.process.exitcode == 0
