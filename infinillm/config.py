@@ -203,6 +203,9 @@ class RuntimeConfig:
     cpus_per_instance: float = setting(1.0, "CPUs each Ray actor asks for")
     dist_timeout_s: float = setting(60.0, "with the ray executor, seconds to wait on a peer "
                                           "instance before declaring it lost")
+    engine_process: bool = setting(
+        True, "serve: run the engine in a process of its own (the API process parses, tokenizes "
+              "and streams; see docs/serving.md); the offline LLM always runs in-process")
 
     def __post_init__(self) -> None:
         check_declared(self)
