@@ -38,6 +38,7 @@ import zmq
 
 from infinillm.config import Config
 from infinillm.engine.async_engine import EngineDeadError
+from infinillm.engine.grammar import StructuredOutput
 from infinillm.engine.intake import Intake
 from infinillm.model.tokenizer import Tokenizer
 from infinillm.server.core import run_engine_core
@@ -108,6 +109,9 @@ class EngineClient:
         self.intake = Intake(self.tokenizer, path, ready.info.vocab_size,
                              ready.info.max_model_len, ready.info.block_size,
                              ready.info.lending, lambda: self._max_blocks)
+        # JSON schemas compile here too, so a bad one is a 400 before anything is sent
+        self.structured = StructuredOutput(self.tokenizer, ready.info.vocab_size,
+                                           ready.info.eos_token_ids)
         self._reader = threading.Thread(target=self._read, name="infinillm-engine-client",
                                         daemon=True)
         self._reader.start()
@@ -157,6 +161,7 @@ class EngineClient:
         if not self.healthy:
             raise self._dead_error()
         prepared = self.intake.prepare(prompt, params)
+        self.structured.check(prepared.params)
         rid = RequestId(request_id if request_id is not None else f"req-{next(self._ids)}")
         queue: asyncio.Queue = asyncio.Queue()
         merger = OutputMerger(prepared.text, prepared.token_ids)

@@ -158,7 +158,7 @@ class EngineCore:
         return EngineInfo(os.getpid(), str(e.model_path), e.arch.vocab_size, e.max_model_len,
                           e.config.cache.block_size, e.lending, len(e.instances),
                           e.num_blocks_per_instance, e.max_blocks_per_request,
-                          e.load_seconds)
+                          e.load_seconds, sorted(e.eos_token_ids))
 
     def _drain(self) -> bool | None:
         """Apply every message waiting; True if any did, None on Shutdown."""

@@ -71,6 +71,7 @@ class EngineInfo(msgspec.Struct):
     num_blocks_per_instance: int
     max_blocks_per_request: int
     load_seconds: float
+    eos_token_ids: list[int] = []  # what a grammar allows once the value is complete
 
 
 class Ready(msgspec.Struct, tag=True):
