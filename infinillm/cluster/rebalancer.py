@@ -17,7 +17,9 @@ the schedulers'. What needs the whole cluster is decided here, before the schedu
   (placement.py): KV moved off instances whose queue head cannot start, gated by the
   instances' step-time models. `plan_migration` is the same move primitive offered to callers.
   Moves are planned here (destinations reserved), copied by the data plane, then switched by
-  `GManager.apply_moves`.
+  `GManager.apply_moves`. A block shared by several requests (a prefix cache hit) never moves:
+  its readers attend it where it lives. A cached block used by one request may move; the
+  source keeps its K/V and stays cached (evictable) unless a swap overwrites it.
 
 Plain Python over ids and Request records; no tensors, no schedulers: decisions are returned
 to the engine, which applies them.
@@ -179,8 +181,9 @@ class Rebalancer:
         for a, b in sorted(gm.debts):
             if a > b or (b, a) not in gm.debts:
                 continue
-            ours = gm.rmanagers[a].remote_entries(b)  # a's blocks held on b
-            theirs = gm.rmanagers[b].remote_entries(a)  # b's blocks held on a
+            # a's blocks held on b, b's held on a; shared ones stay where they are
+            ours = (e for e in gm.rmanagers[a].remote_entries(b) if not gm.is_shared(e[2]))
+            theirs = (e for e in gm.rmanagers[b].remote_entries(a) if not gm.is_shared(e[2]))
             for (ra, ia, on_b), (rb, ib, on_a) in zip(ours, theirs):
                 if len(moves) + 2 > budget:
                     return moves
@@ -201,10 +204,10 @@ class Rebalancer:
             room = rm.num_free_blocks - self.recall_headroom
             if room <= 0 or not rm.num_borrowed_blocks():
                 continue  # checked before walking any table: most owners have nothing to do
-            for rid, index, _ in rm.remote_entries():
+            for rid, index, where in rm.remote_entries():
                 if budget <= 0 or room <= 0:
                     break
-                if (rid, index) in planned:
+                if (rid, index) in planned or gm.is_shared(where):
                     continue
                 move = gm.plan_move(owner, rid, index, owner)
                 if move is None:
@@ -230,10 +233,10 @@ class Rebalancer:
             # Only owners that owe this creditor hold blocks on it (the ledger equals the
             # tables); planning reserves destinations but changes no table and no debt.
             for owner in [o for o in gm.rmanagers if (o, creditor) in gm.debts]:
-                for rid, index, _ in gm.rmanagers[owner].remote_entries(creditor):
+                for rid, index, where in gm.rmanagers[owner].remote_entries(creditor):
                     if wanted <= 0 or budget <= 0:
                         break
-                    if (rid, index) in planned:
+                    if (rid, index) in planned or gm.is_shared(where):
                         continue
                     dst = self._roomiest(exclude=creditor, owner=owner)
                     move = None if dst is None else gm.plan_move(owner, rid, index, dst)
