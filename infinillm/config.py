@@ -146,6 +146,11 @@ class CacheConfig:
         aliases=(Alias("--kv-memory-gb", parse=_gib, metavar="GIB",
                        help="the same in GiB (older flag)"),),
         parse=parse_size, show=format_size, metavar="SIZE")
+    enable_prefix_caching: bool = setting(
+        True, "full rBlocks of computed prompts stay cached (evicted least recently used when "
+              "memory is needed); a request whose prompt starts with a cached prefix skips "
+              "computing it and reads those blocks where they live, on any instance",
+        aliases=("--no-prefix-caching",))
 
     def __post_init__(self) -> None:
         check_declared(self)

@@ -15,8 +15,8 @@ schedulers once per step. Block moves are planned by the rebalancer (rebalancer.
 
 Prefix caching: a request that reuses cached blocks of another instance in place (`share`) owes
 them like borrowed ones: the debt is a reference, repaid when the request frees its table, and
-the creditor's block stays cached for others. A block used by more than one request
-(`is_shared`) is never moved.
+the creditor's block stays cached for others. A block used by more than one request, or taken
+from the prefix cache, is `pinned`: never moved.
 """
 
 from __future__ import annotations
@@ -143,9 +143,13 @@ class GManager:
         self._add_debt(debtor, creditor, request_id, len(blocks))
         self.heartbeat(creditor)
 
-    def is_shared(self, location: tuple[InstanceId, BlockId]) -> bool:
-        """Whether more than one request uses the block at `location` (it never moves)."""
-        return self.rmanagers[location[0]].is_shared(location[1])
+    def pinned(self, owner: InstanceId, request_id: RequestId, index: int,
+               location: tuple[InstanceId, BlockId]) -> bool:
+        """Whether logical block `index` of `owner`'s request (at `location`) must stay where
+        it is: a block more than one request uses, or one the request took from the prefix
+        cache (attended in place, never copied)."""
+        return (index < self.rmanagers[owner].num_hit_blocks(request_id)
+                or self.rmanagers[location[0]].is_shared(location[1]))
 
     def _add_debt(self, debtor: InstanceId, creditor: InstanceId, request_id: RequestId,
                   n: int) -> None:
@@ -166,10 +170,10 @@ class GManager:
                   dst: InstanceId) -> BlockMove | None:
         """The migration primitive: reserve a block on `dst` for logical block `index` of a
         request, as a move to execute (data-plane copy, then `apply_moves`). None when `dst`
-        already holds it, cannot take it (full, or its lending cap), or the block is shared
-        (other requests read it where it is)."""
+        already holds it, cannot take it (full, or its lending cap), or the block is pinned
+        (shared, or taken from the prefix cache: read where it is)."""
         src = self.rmanagers[owner].block_location(request_id, index)
-        if src[0] == dst or self.is_shared(src):
+        if src[0] == dst or self.pinned(owner, request_id, index, src):
             return None
         block = self.rmanagers[dst].claim(request_id, owner, self._keep_free[dst])
         if block is None:

@@ -89,7 +89,7 @@ class Placement:
             for rid, index, where in list(gm.rmanagers[owner].remote_entries(debtor)):
                 if len(moves) >= wanted:
                     return moves
-                if (rid, index) in planned or gm.is_shared(where):
+                if (rid, index) in planned or gm.pinned(owner, rid, index, where):
                     continue
                 home = demands.get(owner, Demand())
                 rm = gm.rmanagers[owner]
@@ -120,7 +120,7 @@ class Placement:
             if len(indices) >= limit:
                 break
             if (entries[i][0] == debtor and (d.longest, i) not in planned
-                    and not self.gmanager.is_shared(entries[i])):
+                    and not self.gmanager.pinned(debtor, d.longest, i, entries[i])):
                 indices.append(i)
         n = len(indices)
         if n <= 0:

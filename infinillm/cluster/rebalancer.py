@@ -17,9 +17,10 @@ the schedulers'. What needs the whole cluster is decided here, before the schedu
   (placement.py): KV moved off instances whose queue head cannot start, gated by the
   instances' step-time models. `plan_migration` is the same move primitive offered to callers.
   Moves are planned here (destinations reserved), copied by the data plane, then switched by
-  `GManager.apply_moves`. A block shared by several requests (a prefix cache hit) never moves:
-  its readers attend it where it lives. A cached block used by one request may move; the
-  source keeps its K/V and stays cached (evictable) unless a swap overwrites it.
+  `GManager.apply_moves`. Pinned blocks never move (`GManager.pinned`): one shared by several
+  requests, or taken by a request from the prefix cache; they are attended where they live.
+  A cached block its writer alone uses may move; the source keeps its K/V and stays cached
+  (evictable) unless a swap overwrites it.
 
 Plain Python over ids and Request records; no tensors, no schedulers: decisions are returned
 to the engine, which applies them.
@@ -182,8 +183,8 @@ class Rebalancer:
             if a > b or (b, a) not in gm.debts:
                 continue
             # a's blocks held on b, b's held on a; shared ones stay where they are
-            ours = (e for e in gm.rmanagers[a].remote_entries(b) if not gm.is_shared(e[2]))
-            theirs = (e for e in gm.rmanagers[b].remote_entries(a) if not gm.is_shared(e[2]))
+            ours = (e for e in gm.rmanagers[a].remote_entries(b) if not gm.pinned(a, *e))
+            theirs = (e for e in gm.rmanagers[b].remote_entries(a) if not gm.pinned(b, *e))
             for (ra, ia, on_b), (rb, ib, on_a) in zip(ours, theirs):
                 if len(moves) + 2 > budget:
                     return moves
@@ -207,7 +208,7 @@ class Rebalancer:
             for rid, index, where in rm.remote_entries():
                 if budget <= 0 or room <= 0:
                     break
-                if (rid, index) in planned or gm.is_shared(where):
+                if (rid, index) in planned or gm.pinned(owner, rid, index, where):
                     continue
                 move = gm.plan_move(owner, rid, index, owner)
                 if move is None:
@@ -236,7 +237,7 @@ class Rebalancer:
                 for rid, index, where in gm.rmanagers[owner].remote_entries(creditor):
                     if wanted <= 0 or budget <= 0:
                         break
-                    if (rid, index) in planned or gm.is_shared(where):
+                    if (rid, index) in planned or gm.pinned(owner, rid, index, where):
                         continue
                     dst = self._roomiest(exclude=creditor, owner=owner)
                     move = None if dst is None else gm.plan_move(owner, rid, index, dst)

@@ -50,6 +50,7 @@ class RManager:
         self._num_tables_created = 0
         self._num_borrowed = 0
         self._num_published: dict[RequestId, int] = {}  # leading blocks in the prefix index
+        self._num_hit: dict[RequestId, int] = {}  # leading blocks taken from the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -178,7 +179,7 @@ class RManager:
         if borrowed:
             self._num_borrowed += borrowed
             self._remote[request_id] = self._created[request_id]
-        self._num_published[request_id] = len(found)
+        self._num_published[request_id] = self._num_hit[request_id] = len(found)
         return len(found)
 
     def publish(self, request_id: RequestId, keys: list[BlockKey], num_full: int) -> None:
@@ -212,6 +213,11 @@ class RManager:
     def is_shared(self, block: BlockId) -> bool:
         """Whether more than one request uses the block (then it never moves)."""
         return self._pool.ref_count(block) > 1
+
+    def num_hit_blocks(self, request_id: RequestId) -> int:
+        """The leading blocks of the request's table that came from the prefix cache: read
+        where they live, never moved."""
+        return self._num_hit.get(request_id, 0)
 
     def tokens_that_fit(self, request_id: RequestId, num_computed_tokens: int) -> int:
         """New tokens the request could take now: the rest of its table and the local free
@@ -264,6 +270,7 @@ class RManager:
             return
         del self._created[request_id]
         self._num_published.pop(request_id, None)
+        self._num_hit.pop(request_id, None)
         if self._remote.pop(request_id, None) is None:
             self._pool.free(table.block_ids(), request_id)
             return

@@ -102,7 +102,7 @@ def build_sim_engine(setup: SimSetup) -> ClusterEngine:
         placement="proactive" if setup.policy == "proactive" else "reactive",
         block_size=setup.block_size, kv_blocks_per_instance=blocks,
         max_num_seqs=setup.max_num_seqs, max_num_batched_tokens=setup.max_num_batched_tokens,
-        **setup.extra)
+        **{"enable_prefix_caching": False, **setup.extra})
 
     def factory(config, spec, ids):
         return SimExecutor(config, spec, ids, profile=profile, tensor_parallel=tp,
