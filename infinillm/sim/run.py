@@ -21,6 +21,9 @@ instances on devices of their own would be. `lockstep=True` runs the engine's sy
 cluster step instead (`run_trace`): every instance waits for the slowest, so a long prefill on
 one holds up the decodes of all, which is how `LLM` steps its instances today.
 
+Prefix caching is off here (unless `extra` turns it on): a trace gives lengths, and the prompt
+that stands in for each is one repeated token, so every request would hit the cache.
+
 Every request is sent greedy with `ignore_eos` and `max_tokens` = its trace output length, so it
 ends after exactly that many tokens unless the engine ends it early (a request that outgrows
 what it may hold ends with "length": it counts as cut short, not completed). A request the

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from infinillm import LLM, SamplingParams
+from infinillm.kvcache.prefix import block_keys
 from infinillm.runtime.faults import FaultPlan
 from infinillm.types import InstanceId
 
@@ -121,8 +122,6 @@ def test_a_prefix_on_another_instance_is_read_in_place(tiny_llama, hf, num_insta
     # the prefix's blocks exist once, on instance 0: nothing recomputed them elsewhere
     keys = llm.engine.streams  # all ended
     assert keys == {}
-    from infinillm.kvcache.prefix import block_keys
-
     prefix_keys = block_keys(prefix, block_size, [])
     holders = [[i.instance_id for i in llm.engine.instances
                 if i.rmanager._pool.lookup_quiet(k) is not None] for k in prefix_keys]
