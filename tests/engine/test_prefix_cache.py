@@ -192,3 +192,19 @@ def test_losing_the_instance_that_holds_a_prefix_recomputes_its_readers(tiny_lla
     assert [o.outputs[0].token_ids for o in outs] == [hf(prefix + a), hf(prefix + b)]
     assert [i.instance_id for i in llm.engine.instances] == [1]
     assert_full(llm)
+
+
+def test_the_setting_and_its_flags():
+    import argparse
+
+    from infinillm.cli import add_config_args, config_kwargs
+    from infinillm.config import Config
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    for argv, on in (([], True), (["--no-prefix-caching"], False),
+                     (["--no-enable-prefix-caching"], False)):
+        kwargs = config_kwargs(parser.parse_args(argv))
+        assert Config.from_kwargs(**kwargs).cache.enable_prefix_caching is on
+    with pytest.raises((TypeError, ValueError)):
+        Config.from_kwargs(enable_prefix_caching="yes")
