@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--num-shared", type=int, default=8)
     parser.add_argument("--kv-memory", default="512MiB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default="ttft,sharing",
+                        help="which measurements to run, comma-separated: ttft, sharing")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the runs with the cache off (the misses of the cache-on "
                              "runs stay the baseline of the TTFT ratio)")
@@ -131,6 +133,17 @@ def main() -> None:
     from infinillm.config import parse_size
 
     args.kv_memory = parse_size(args.kv_memory)
+    parts = set(args.parts.split(","))
+    report = {"benchmark": "prefix_cache", "machine": machine_info(),
+              "system_len": args.system_len, "rounds": args.rounds}
+    if "ttft" in parts:
+        report["ttft"] = ttft_part(args)
+    if "sharing" in parts:
+        report["sharing"] = sharing_part(args)
+    emit_json(report)
+
+
+def ttft_part(args) -> dict:
     runs = [measure_ttft(args, True)] + ([] if args.no_baseline else [measure_ttft(args, False)])
     print_table([{"cache": "on" if r["caching"] else "off", "ttft first (miss) s": r["first_s"],
                   "ttft second s": r["second_s"], "cached tokens": r["second_cached_tokens"]}
@@ -140,6 +153,10 @@ def main() -> None:
     print(f"TTFT of a hit / TTFT of a miss (cache on, same run): {ratio:.3f}")
     if off is not None:
         print(f"hit / miss with the cache off: {on['second_s'] / off['first_s']:.3f}")
+    return {"on": on, "off": off, "hit_over_miss": ratio}
+
+
+def sharing_part(args) -> dict:
     shared = [measure_sharing(args, True)] + ([] if args.no_baseline
                                               else [measure_sharing(args, False)])
     tokens = [r.pop("tokens") for r in shared]
@@ -147,11 +164,8 @@ def main() -> None:
     same = tokens[0] == tokens[-1] if len(tokens) > 1 else None
     if same is not None:
         print(f"greedy tokens equal with and without the cache: {same}")
-    shared_on, shared_off = shared[0], shared[-1] if len(shared) > 1 else None
-    emit_json({"benchmark": "prefix_cache", "machine": machine_info(),
-               "system_len": args.system_len, "rounds": args.rounds,
-               "ttft": {"on": on, "off": off, "hit_over_miss": ratio},
-               "sharing": {"on": shared_on, "off": shared_off, "tokens_equal": same}})
+    return {"on": shared[0], "off": shared[1] if len(shared) > 1 else None,
+            "tokens_equal": same}
 
 
 if __name__ == "__main__":
