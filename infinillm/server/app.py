@@ -481,10 +481,14 @@ _FIELDS = (set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.m
     - {"prompt", "messages"}
 
 
+_ENGINE_NAMES = {"json_schema": "response_format"}  # SamplingParams' name -> the API's
+
+
 def _param_named(message: str, default: str | None = None) -> str | None:
     """The request field an engine ValueError is about: its messages start with the name of
     the value they refuse ("min_tokens must be ...", "logit_bias token ids ...")."""
     word = message.split(" ", 1)[0]
+    word = _ENGINE_NAMES.get(word, word)
     return word if word in _FIELDS else default
 
 

@@ -99,7 +99,8 @@ def test_help_has_a_group_per_section(capsys):
     for heading in ("model:", "cache:", "scheduler:", "runtime:", "cluster:", "server:"):
         assert f"\n{heading}\n" in text
     for flag in ("--num-instances N, --instances N", "--no-lending", "--kv-memory-gb GIB",
-                 "--kv-cache-memory-bytes SIZE", "(default: 2GiB)", "--recall-blocks-per-step N"):
+                 "--kv-cache-memory-bytes SIZE", "(unset: 2GiB on CPU; on CUDA what",
+                 "--recall-blocks-per-step N"):
         assert flag in " ".join(text.split())  # as wrapped to any terminal width
 
 
