@@ -139,7 +139,9 @@ def measure(num_instances: int, blocks: int, requests_per_instance: int, max_ste
     config = Config.from_kwargs(model=str(model), block_size=block_size,
                                 num_instances=num_instances, kv_blocks_per_instance=blocks,
                                 max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens)
+                                max_num_batched_tokens=max_num_batched_tokens,
+                                # prompts of one repeated token would all hit the prefix cache
+                                enable_prefix_caching=False)
     spent = [0.0]
     engine = ClusterEngine.from_config(config, VirtualClock(), timed(factory, spent))
     arrivals = workload(requests_per_instance * num_instances, num_instances, seed, **lengths)

@@ -72,7 +72,8 @@ def _add_valued(group: argparse._ArgumentGroup, s: Setting) -> None:
 def _add_switch(group: argparse._ArgumentGroup, s: Setting) -> None:
     """A bool setting is one flag that flips its default: lending is on, so `--no-lending`."""
     verb, flag = ("turn off", f"no_{s.name}") if s.default else ("turn on", s.name)
-    group.add_argument(_flag(flag), dest=s.name, default=s.default,
+    aliases = [a for a in s.aliases if isinstance(a, str)]  # flags that also flip it
+    group.add_argument(_flag(flag), *aliases, dest=s.name, default=s.default,
                        action="store_false" if s.default else "store_true",
                        help=_escape(f"{verb} {s.name}: {s.help}"))
 

@@ -153,6 +153,11 @@ class CacheConfig:
     gpu_memory_utilization: float = setting(
         0.9, "on CUDA, the share of the GPU's memory this engine may use: weights, activations "
              "and KV pools (as vLLM's flag); CPU ignores it")
+    enable_prefix_caching: bool = setting(
+        True, "full rBlocks of computed prompts stay cached (evicted least recently used when "
+              "memory is needed); a request whose prompt starts with a cached prefix skips "
+              "computing it and reads those blocks where they live, on any instance",
+        aliases=("--no-prefix-caching",))
 
     def __post_init__(self) -> None:
         check_declared(self)

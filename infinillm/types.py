@@ -198,6 +198,9 @@ class RequestOutput:
     finished: bool = False
     # One per prompt token when asked for; None for the first (nothing precedes it).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # Prompt tokens whose K/V came from the prefix cache when the request started (vLLM's
+    # name; OpenAI's usage.prompt_tokens_details.cached_tokens).
+    num_cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -359,6 +362,11 @@ class Request:
     # after the first, each computed once (a recompute after preemption skips those known).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Prefix cache: the keys of the full blocks of its tokens so far (kvcache/prefix.py; filled
+    # only with caching on), and the tokens its first admission found cached (None: not
+    # admitted yet).
+    block_keys: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,11 @@ The GManager talks to RManagers only through their request-level calls. How many
 instance keeps for its own queue is an argument of `heartbeat_all`, given by the engine from the
 schedulers once per step. Block moves are planned by the rebalancer (rebalancer.py) with
 `plan_move` and switched here by `apply_moves` once the data plane has copied them.
+
+Prefix caching: a request that reuses cached blocks of another instance in place (`share`) owes
+them like borrowed ones: the debt is a reference, repaid when the request frees its table, and
+the creditor's block stays cached for others. A block used by more than one request, or taken
+from the prefix cache, is `pinned`: never moved.
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ class GManager:
             if blocks is None:  # the view was stale: undo everything
                 self.num_refused_loans += 1
                 for creditor, got in taken:
-                    self.rmanagers[creditor].take_back(got)
+                    self.rmanagers[creditor].take_back(got, request_id, debtor)
                 self.cancel(grants)
                 for c in {g.creditor for g in grants}:
                     self.heartbeat(c)
@@ -125,9 +130,26 @@ class GManager:
               blocks: list[BlockId]) -> None:
         """A request of `debtor` gives back its blocks on `creditor`, which may lend them again
         at once (a preemption that frees borrowed blocks must not leave the view short)."""
-        self.rmanagers[creditor].take_back(blocks)
+        self.rmanagers[creditor].take_back(blocks, request_id, debtor)
         self._add_debt(debtor, creditor, request_id, -len(blocks))
         self.heartbeat(creditor)
+
+    def share(self, debtor: InstanceId, creditor: InstanceId, request_id: RequestId,
+              blocks: list[BlockId]) -> None:
+        """A request of `debtor` references cached blocks of `creditor` in place (a prefix
+        hit): recorded as a debt like a loan, repaid the same way, but no block is taken
+        from the free ones unless it was evictable (the view is refreshed for that)."""
+        self.rmanagers[creditor].share(blocks, request_id, debtor)
+        self._add_debt(debtor, creditor, request_id, len(blocks))
+        self.heartbeat(creditor)
+
+    def pinned(self, owner: InstanceId, request_id: RequestId, index: int,
+               location: tuple[InstanceId, BlockId]) -> bool:
+        """Whether logical block `index` of `owner`'s request (at `location`) must stay where
+        it is: a block more than one request uses, or one the request took from the prefix
+        cache (attended in place, never copied)."""
+        return (index < self.rmanagers[owner].num_hit_blocks(request_id)
+                or self.rmanagers[location[0]].is_shared(location[1]))
 
     def _add_debt(self, debtor: InstanceId, creditor: InstanceId, request_id: RequestId,
                   n: int) -> None:
@@ -148,9 +170,10 @@ class GManager:
                   dst: InstanceId) -> BlockMove | None:
         """The migration primitive: reserve a block on `dst` for logical block `index` of a
         request, as a move to execute (data-plane copy, then `apply_moves`). None when `dst`
-        already holds it, or cannot take it (full, or its lending cap)."""
+        already holds it, cannot take it (full, or its lending cap), or the block is pinned
+        (shared, or taken from the prefix cache: read where it is)."""
         src = self.rmanagers[owner].block_location(request_id, index)
-        if src[0] == dst:
+        if src[0] == dst or self.pinned(owner, request_id, index, src):
             return None
         block = self.rmanagers[dst].claim(request_id, owner, self._keep_free[dst])
         if block is None:
@@ -169,7 +192,7 @@ class GManager:
                 self._add_debt(m.owner, m.dst[0], m.request_id, 1)
         for m in moves:
             if m.src not in destinations:  # a swapped source is another move's destination
-                self.rmanagers[m.src[0]].release([m.src[1]])
+                self.rmanagers[m.src[0]].release([m.src[1]], m.request_id, m.owner)
         self.heartbeat_all()
 
     def cancel_moves(self, moves: list[BlockMove]) -> None:
@@ -178,7 +201,7 @@ class GManager:
         sources = {m.src for m in moves}
         for m in moves:
             if m.dst not in sources:
-                self.rmanagers[m.dst[0]].release([m.dst[1]])
+                self.rmanagers[m.dst[0]].release([m.dst[1]], m.request_id, m.owner)
         self.heartbeat_all()
 
     # ---- checks ---------------------------------------------------------------------------
@@ -204,3 +227,12 @@ class GManager:
                 reqs[rid] = reqs.get(rid, 0) + 1
         if from_tables != self.debts:
             raise RuntimeError(f"ledger {self.debts} differs from the tables {from_tables}")
+        # Block by block: every reference to a pool by another instance's request is an entry
+        # of that request's table (shared blocks once per table), and the other way round.
+        held = sorted((c, b, rid, owner) for c, rm in self.rmanagers.items()
+                      for b, rid, owner in rm.holders_of_lent())
+        tables = sorted((holder, b, rid, owner) for owner, rm in self.rmanagers.items()
+                        for rid, _, (holder, b) in rm.remote_entries())
+        if held != tables:
+            raise RuntimeError(f"references held by the pools {held} differ from the tables' "
+                               f"remote entries {tables}")

@@ -86,10 +86,10 @@ class Placement:
         gm = self.gmanager
         moves: list[BlockMove] = []
         for owner in [o for o in gm.rmanagers if (o, debtor) in gm.debts]:
-            for rid, index, _ in list(gm.rmanagers[owner].remote_entries(debtor)):
+            for rid, index, where in list(gm.rmanagers[owner].remote_entries(debtor)):
                 if len(moves) >= wanted:
                     return moves
-                if (rid, index) in planned:
+                if (rid, index) in planned or gm.pinned(owner, rid, index, where):
                     continue
                 home = demands.get(owner, Demand())
                 rm = gm.rmanagers[owner]
@@ -119,7 +119,8 @@ class Placement:
         for i in range(len(entries) - 1):  # the last block is still being written
             if len(indices) >= limit:
                 break
-            if entries[i][0] == debtor and (d.longest, i) not in planned:
+            if (entries[i][0] == debtor and (d.longest, i) not in planned
+                    and not self.gmanager.pinned(debtor, d.longest, i, entries[i])):
                 indices.append(i)
         n = len(indices)
         if n <= 0:

@@ -17,7 +17,10 @@ the schedulers'. What needs the whole cluster is decided here, before the schedu
   (placement.py): KV moved off instances whose queue head cannot start, gated by the
   instances' step-time models. `plan_migration` is the same move primitive offered to callers.
   Moves are planned here (destinations reserved), copied by the data plane, then switched by
-  `GManager.apply_moves`.
+  `GManager.apply_moves`. Pinned blocks never move (`GManager.pinned`): one shared by several
+  requests, or taken by a request from the prefix cache; they are attended where they live.
+  A cached block its writer alone uses may move; the source keeps its K/V and stays cached
+  (evictable) unless a swap overwrites it.
 
 Plain Python over ids and Request records; no tensors, no schedulers: decisions are returned
 to the engine, which applies them.
@@ -179,8 +182,9 @@ class Rebalancer:
         for a, b in sorted(gm.debts):
             if a > b or (b, a) not in gm.debts:
                 continue
-            ours = gm.rmanagers[a].remote_entries(b)  # a's blocks held on b
-            theirs = gm.rmanagers[b].remote_entries(a)  # b's blocks held on a
+            # a's blocks held on b, b's held on a; shared ones stay where they are
+            ours = (e for e in gm.rmanagers[a].remote_entries(b) if not gm.pinned(a, *e))
+            theirs = (e for e in gm.rmanagers[b].remote_entries(a) if not gm.pinned(b, *e))
             for (ra, ia, on_b), (rb, ib, on_a) in zip(ours, theirs):
                 if len(moves) + 2 > budget:
                     return moves
@@ -201,10 +205,10 @@ class Rebalancer:
             room = rm.num_free_blocks - self.recall_headroom
             if room <= 0 or not rm.num_borrowed_blocks():
                 continue  # checked before walking any table: most owners have nothing to do
-            for rid, index, _ in rm.remote_entries():
+            for rid, index, where in rm.remote_entries():
                 if budget <= 0 or room <= 0:
                     break
-                if (rid, index) in planned:
+                if (rid, index) in planned or gm.pinned(owner, rid, index, where):
                     continue
                 move = gm.plan_move(owner, rid, index, owner)
                 if move is None:
@@ -230,10 +234,10 @@ class Rebalancer:
             # Only owners that owe this creditor hold blocks on it (the ledger equals the
             # tables); planning reserves destinations but changes no table and no debt.
             for owner in [o for o in gm.rmanagers if (o, creditor) in gm.debts]:
-                for rid, index, _ in gm.rmanagers[owner].remote_entries(creditor):
+                for rid, index, where in gm.rmanagers[owner].remote_entries(creditor):
                     if wanted <= 0 or budget <= 0:
                         break
-                    if (rid, index) in planned:
+                    if (rid, index) in planned or gm.pinned(owner, rid, index, where):
                         continue
                     dst = self._roomiest(exclude=creditor, owner=owner)
                     move = None if dst is None else gm.plan_move(owner, rid, index, dst)

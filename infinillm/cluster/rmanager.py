@@ -9,6 +9,11 @@ Everything goes through request-level calls; no other class touches its pool or 
 - For a block move (recall, migration): `claim` reserves a destination block, `set_block` points
   the owner's table at it, `hand_over` passes a used block to another request (a swap), and
   `release` frees the source.
+- For the prefix cache: `take_cached` starts a request's table with the longest run of cached
+  full blocks that begins its tokens, wherever they live (here, or shared in place on another
+  instance through the ledger, which records the reference as a debt); `publish` enters the
+  full blocks a request has computed into their holders' prefix index. A shared block is
+  referenced by every table that holds it; `free` drops the request's references only.
 
 Cost: the rebalancer and the stats ask every step what is borrowed. The RManager keeps the
 number of borrowed blocks and the set of requests with blocks elsewhere up to date as tables
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from infinillm.kvcache import BlockPool, BlockTable, blocks_needed
 from infinillm.kvcache.block_table import Location
+from infinillm.kvcache.prefix import BlockKey
 from infinillm.types import BlockId, InstanceId, RequestId
 
 if TYPE_CHECKING:
@@ -43,6 +49,8 @@ class RManager:
         self._created: dict[RequestId, int] = {}
         self._num_tables_created = 0
         self._num_borrowed = 0
+        self._num_published: dict[RequestId, int] = {}  # leading blocks in the prefix index
+        self._num_hit: dict[RequestId, int] = {}  # leading blocks taken from the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -55,6 +63,16 @@ class RManager:
     @property
     def num_lent_blocks(self) -> int:
         return self._pool.num_lent
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks of this pool in the prefix index (in use or evictable)."""
+        return self._pool.num_cached
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Cached blocks no request uses; counted as free."""
+        return self._pool.num_evictable
 
     def num_lendable_blocks(self, keep_free: int = 0) -> int:
         """Free blocks that may go to others: within the cap, after `keep_free` for the own
@@ -90,9 +108,7 @@ class RManager:
             if borrowed is None:
                 return False
         if table is None:
-            table = self._tables[request_id] = BlockTable()
-            self._created[request_id] = self._num_tables_created
-            self._num_tables_created += 1
+            table = self._new_table(request_id)
         table.append(self.instance_id, self._pool.allocate(local, request_id))
         for creditor, blocks in borrowed:
             table.append(creditor, blocks)
@@ -100,6 +116,108 @@ class RManager:
         if borrowed:
             self._remote[request_id] = self._created[request_id]
         return True
+
+    def _new_table(self, request_id: RequestId) -> BlockTable:
+        table = self._tables[request_id] = BlockTable()
+        self._created[request_id] = self._num_tables_created
+        self._num_tables_created += 1
+        return table
+
+    # ---- the prefix cache -----------------------------------------------------------------
+
+    def cached_prefix(self, keys: list[BlockKey]) -> list[Location]:
+        """Where the longest run of cached blocks named by `keys` (from the first) lives:
+        each block here when cached here, else on another instance that has it (only with a
+        ledger). Marks them recently used."""
+        me = self.instance_id
+        others = ([rm for i, rm in self._ledger.rmanagers.items() if i != me]
+                  if self._ledger is not None else [])
+        found: list[Location] = []
+        for key in keys:
+            block = self._pool.lookup(key)
+            if block is not None:
+                found.append((me, block))
+                continue
+            for rm in others:
+                block = rm.lookup(key)
+                if block is not None:
+                    found.append((rm.instance_id, block))
+                    break
+            else:
+                break
+        return found
+
+    def num_cached_here(self, keys: list[BlockKey]) -> int:
+        """The leading blocks of `keys` cached in this pool (for routing; touches nothing)."""
+        n = 0
+        for key in keys:
+            if self._pool.lookup_quiet(key) is None:
+                break
+            n += 1
+        return n
+
+    def take_cached(self, request_id: RequestId, keys: list[BlockKey]) -> int:
+        """Start `request_id`'s table (it has none) with the longest cached prefix of `keys`,
+        shared in place wherever it lives; the number of blocks taken."""
+        if request_id in self._tables:
+            raise RuntimeError(f"instance {self.instance_id}: {request_id} already has blocks")
+        found = self.cached_prefix(keys)
+        if not found:
+            return 0
+        me = self.instance_id
+        table = self._new_table(request_id)
+        by_holder: dict[InstanceId, list[BlockId]] = {}
+        for where, block in found:
+            by_holder.setdefault(where, []).append(block)
+        for block in by_holder.pop(me, []):
+            self._pool.share(block, request_id, me)
+        for holder, blocks in by_holder.items():
+            self._ledger.share(me, holder, request_id, blocks)
+        for where, block in found:
+            table.append(where, [block])
+        borrowed = len(found) - table.num_blocks_on(me)
+        if borrowed:
+            self._num_borrowed += borrowed
+            self._remote[request_id] = self._created[request_id]
+        self._num_published[request_id] = self._num_hit[request_id] = len(found)
+        return len(found)
+
+    def publish(self, request_id: RequestId, keys: list[BlockKey], num_full: int) -> None:
+        """Enter the request's first `num_full` blocks (full, their K/V computed; `keys` names
+        at least that many) into the prefix index of the instance that holds each."""
+        table = self._tables.get(request_id)
+        done = self._num_published.get(request_id, 0)
+        if table is None or num_full <= done:
+            return
+        for index in range(done, num_full):
+            where, block = table.entries[index]
+            if where == self.instance_id:
+                self._pool.publish(block, keys[index])
+            else:
+                self._ledger.rmanagers[where].publish_lent(block, keys[index])
+        self._num_published[request_id] = num_full
+
+    def lookup(self, key: BlockKey) -> BlockId | None:
+        """This pool's cached block named `key`, if any."""
+        return self._pool.lookup(key)
+
+    def publish_lent(self, block: BlockId, key: BlockKey) -> None:
+        """Enter a block this instance holds for another's request into its prefix index."""
+        self._pool.publish(block, key)
+
+    def share(self, blocks: list[BlockId], request_id: RequestId, owner: InstanceId) -> None:
+        """One more reference to each of these cached blocks, for `owner`'s request."""
+        for block in blocks:
+            self._pool.share(block, request_id, owner)
+
+    def is_shared(self, block: BlockId) -> bool:
+        """Whether more than one request uses the block (then it never moves)."""
+        return self._pool.ref_count(block) > 1
+
+    def num_hit_blocks(self, request_id: RequestId) -> int:
+        """The leading blocks of the request's table that came from the prefix cache: read
+        where they live, never moved."""
+        return self._num_hit.get(request_id, 0)
 
     def tokens_that_fit(self, request_id: RequestId, num_computed_tokens: int) -> int:
         """New tokens the request could take now: the rest of its table and the local free
@@ -151,14 +269,16 @@ class RManager:
         if table is None:
             return
         del self._created[request_id]
+        self._num_published.pop(request_id, None)
+        self._num_hit.pop(request_id, None)
         if self._remote.pop(request_id, None) is None:
-            self._pool.free(table.block_ids())
+            self._pool.free(table.block_ids(), request_id)
             return
         self._num_borrowed -= len(table) - table.num_blocks_on(self.instance_id)
         by_holder: dict[InstanceId, list[BlockId]] = {}
         for where, block in table.entries:
             by_holder.setdefault(where, []).append(block)
-        self._pool.free(by_holder.pop(self.instance_id, []))
+        self._pool.free(by_holder.pop(self.instance_id, []), request_id)
         for creditor, blocks in by_holder.items():
             self._ledger.repay(self.instance_id, creditor, request_id, blocks)
 
@@ -183,9 +303,11 @@ class RManager:
             return None
         return self._pool.allocate(n, request_id, owner=debtor)
 
-    def take_back(self, blocks: list[BlockId]) -> None:
-        """Blocks a debtor gives back (repayment, or a refused borrow undone)."""
-        self._pool.free(blocks)
+    def take_back(self, blocks: list[BlockId], request_id: RequestId,
+                  debtor: InstanceId) -> None:
+        """Blocks a debtor's request gives back (repayment, or a refused borrow undone); a
+        shared one stays with its other users."""
+        self._pool.free(blocks, request_id, debtor)
 
     # ---- block moves ----------------------------------------------------------------------
 
@@ -205,9 +327,10 @@ class RManager:
         if self._pool.holder(block) != (request_id, owner):
             self._pool.reassign(block, request_id, owner)
 
-    def release(self, blocks: list[BlockId]) -> None:
-        """Free the sources of completed moves."""
-        self._pool.free(blocks)
+    def release(self, blocks: list[BlockId], request_id: RequestId, owner: InstanceId) -> None:
+        """Free the sources of `owner`'s request's completed moves (or the destinations of
+        cancelled ones). A cached source stays cached: the move only read it."""
+        self._pool.free(blocks, request_id, owner)
 
     # ---- checks ---------------------------------------------------------------------------
 
@@ -216,23 +339,30 @@ class RManager:
         return self._pool.lent_blocks()
 
     def check_integrity(self) -> None:
+        """The pool is consistent; each of its references by this instance's requests is an
+        entry of their tables, and the other way round (a shared block is in as many tables
+        as it has references); loans stay within the cap."""
+        me = self.instance_id
         self._pool.check_integrity()
         self._check_counts()
-        own = [(rid, b) for rid, t in self._tables.items() for b in t.blocks_on(self.instance_id)]
-        if len({b for _, b in own}) != len(own):
-            raise RuntimeError(f"instance {self.instance_id}: a block is in two tables")
-        for rid, block in own:
-            if self._pool.holder(block) != (rid, self.instance_id):
-                raise RuntimeError(f"instance {self.instance_id}: block {block} is in {rid}'s "
-                                   f"table but held by {self._pool.holder(block)}")
-        if len(own) + self._pool.num_lent != self._pool.num_used:
-            raise RuntimeError(
-                f"instance {self.instance_id}: tables hold {len(own)} local blocks and "
-                f"{self._pool.num_lent} are lent, but the pool has {self._pool.num_used} used"
-            )
+        own = sorted((b, rid) for rid, t in self._tables.items() for b in t.blocks_on(me))
+        held = sorted((b, rid) for b, (rid, owner) in self._pool.all_holders() if owner == me)
+        if own != held:
+            raise RuntimeError(f"instance {me}: tables hold local blocks {own} but the pool "
+                               f"records references {held}")
         if self._pool.num_lent > self.max_lent_blocks:
-            raise RuntimeError(f"instance {self.instance_id}: {self._pool.num_lent} blocks "
-                               f"lent, cap {self.max_lent_blocks}")
+            raise RuntimeError(f"instance {me}: {self._pool.num_lent} blocks lent, cap "
+                               f"{self.max_lent_blocks}")
+        published = {rid: n for rid, n in self._num_published.items() if n}
+        if not published.keys() <= self._tables.keys() or any(
+                n > len(self._tables[rid]) for rid, n in published.items()):
+            raise RuntimeError(f"instance {me}: published blocks {published} beyond the tables")
+
+    def holders_of_lent(self) -> list[tuple[BlockId, RequestId, InstanceId]]:
+        """(block, request, owner) of every reference to this pool by another instance's
+        request (for the ledger's check)."""
+        return [(b, rid, owner) for b, (rid, owner) in self._pool.all_holders()
+                if owner != self.instance_id]
 
     def _check_counts(self) -> None:
         """The incrementally kept counts equal a recount of the tables."""

@@ -173,5 +173,6 @@ def _instance(config: Config, iid: InstanceId, num_blocks: int, max_lent: int,
     if gmanager is not None:
         gmanager.register(rmanager)
     scheduler = Scheduler(iid, config.scheduler, rmanager, can_wait=gmanager is not None,
-                          local_first=local_first)
+                          local_first=local_first,
+                          prefix_caching=config.cache.enable_prefix_caching)
     return Instance(iid, rmanager, scheduler)

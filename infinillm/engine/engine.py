@@ -33,6 +33,7 @@ from infinillm.engine.intake import Intake, PreparedPrompt, route
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import SchedulerOutput
 from infinillm.engine.stats import check_integrity, cluster_stats
+from infinillm.kvcache.prefix import block_keys
 from infinillm.runtime.executor import InstanceLost, StepResult
 from infinillm.types import (
     BlockMove,
@@ -120,7 +121,9 @@ class ClusterEngine:
         self.streams[request.request_id] = OutputStream(request, self.tokenizer,
                                                         self.max_model_len, self.eos_token_ids,
                                                         grammar)
-        route(self.instances).scheduler.add(request)
+        if self.config.cache.enable_prefix_caching:
+            block_keys(request.prompt_token_ids, self.config.cache.block_size, request.block_keys)
+        route(self.instances, request).scheduler.add(request)
         return request.request_id
 
     def abort_request(self, request_id: RequestId) -> None:
@@ -218,7 +221,7 @@ class ClusterEngine:
         for request in sorted(settled.orphans, key=lambda r: r.arrival):
             request.num_computed_tokens = 0
             request.status = RequestStatus.WAITING
-            route(self.instances).scheduler.add(request)
+            route(self.instances, request).scheduler.add(request)
 
     def _execute_moves(self, moves: list[BlockMove], advance: bool = True) -> bool:
         """Copy the data of every move, then switch tables: no step runs in between. False
@@ -276,9 +279,11 @@ class ClusterEngine:
         outputs = []
         if result is not None:
             for s in scheduled:
+                scheduler = self._by_id[s.plan.instance_id].scheduler
                 for chunk in s.plan.chunks:
                     stream = self.streams[chunk.request_id]
                     stream.request.num_computed_tokens += len(chunk.token_ids)
+                    scheduler.publish(stream.request)  # before a finished request frees
                     if chunk.prompt_logprob_ids:
                         stream.add_prompt_logprobs(result.prompt_logprobs.get(chunk.request_id))
                     token = result.sampled.get(chunk.request_id)

@@ -7,7 +7,9 @@
   may lend). Bad input raises ValueError naming the value, and nothing is queued. `prepare`
   reads only fixed facts, so servers call it on their own thread.
 - **Admission** (`admit`): a request id (given or numbered) and its arrival order.
-- **Routing** (`route`): the instance with the most free blocks once its queue is served.
+- **Routing** (`route`): with prefix caching, the instance that caches the longest part of the
+  prompt, among those that can start it now; else the instance with the most free blocks once
+  its queue is served.
 """
 
 from __future__ import annotations
@@ -116,12 +118,27 @@ class Intake:
             raise ValueError(f"prompt has {n} tokens and needs {need} KV blocks; {where} {limit}")
 
 
-def route(instances: Sequence[Instance]) -> Instance:
+def route(instances: Sequence[Instance], request: Request | None = None) -> Instance:
     """The instance with the most free blocks once its queue is served; ties: the fewest
     unfinished requests, then the lowest id. Counting the queue matters: requests added between
     two steps would otherwise all go to the same instance. Free blocks are what limits a long
-    request, and a lightly loaded instance also runs a smaller batch."""
-    return max(instances, key=lambda i: (
-        i.rmanager.num_free_blocks - i.scheduler.queued_blocks(),
-        -i.scheduler.num_unfinished, -i.instance_id))
+    request, and a lightly loaded instance also runs a smaller batch.
+
+    A request with prefix keys (caching on) goes first to the instance that caches the most
+    leading blocks of its prompt, when that instance has room for it: a free place in its batch
+    and the blocks, once its queue is served. Elsewhere the prefix would still be read in place,
+    but over the fabric."""
+    def spare(i: Instance) -> int:
+        return i.rmanager.num_free_blocks - i.scheduler.queued_blocks()
+
+    if request is not None and request.block_keys:
+        need = blocks_needed(request.num_tokens + 1, instances[0].rmanager.block_size)
+        roomy = [i for i in instances if spare(i) >= need
+                 and i.scheduler.num_unfinished < i.scheduler.config.max_num_seqs]
+        hits = {i.instance_id: i.rmanager.num_cached_here(request.block_keys) for i in roomy}
+        if any(hits.values()):
+            return max(roomy, key=lambda i: (hits[i.instance_id], spare(i),
+                                             -i.scheduler.num_unfinished, -i.instance_id))
+    return max(instances, key=lambda i: (spare(i), -i.scheduler.num_unfinished,
+                                         -i.instance_id))
 

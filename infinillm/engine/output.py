@@ -92,6 +92,7 @@ class OutputStream:
             outputs=[CompletionOutput(0, text, list(r.output_token_ids), reason, logprobs)],
             finished=finished,
             prompt_logprobs=self._prompt_logprobs_out(),
+            num_cached_tokens=r.num_cached_tokens or 0,
         )
 
     def _prompt_logprobs_out(self) -> list[TokenLogprobs | None] | None:

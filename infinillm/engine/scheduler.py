@@ -9,6 +9,12 @@ ones (`choose_victim`, the engine's one victim policy) is preempted: its blocks 
 goes back to the front of the queue, to be recomputed from its prompt and the tokens it already
 produced.
 
+With prefix caching, a request starts (first admission, or again after preemption) with the
+longest run of cached full blocks that begins its tokens, wherever they live (RManager
+`take_cached`): its computed tokens jump past them, leaving at least one token to compute (the
+one whose logits give the next token). Requests that ask for prompt logprobs compute their whole
+prompt. After each step, the full blocks a request computed are published (`publish`).
+
 `schedule()` returns one typed result: the plan for the worker, the requests it preempted, and
 the requests that ended because the pool can never hold them (without lending).
 
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from infinillm.cluster import Demand, RManager, choose_victim
 from infinillm.config import SchedulerConfig
 from infinillm.kvcache import blocks_needed
+from infinillm.kvcache.prefix import block_keys
 from infinillm.types import (
     FinishReason,
     InstanceId,
@@ -57,7 +64,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, instance_id: InstanceId, config: SchedulerConfig, rmanager: RManager,
-                 can_wait: bool = False, local_first: bool = False):
+                 can_wait: bool = False, local_first: bool = False,
+                 prefix_caching: bool = False):
         self.instance_id = instance_id
         # When blocks can come from other instances, a request that finds none waits rather
         # than ending: the rebalancer breaks a cluster-wide standstill.
@@ -68,6 +76,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()  # changed only by the methods below
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_caching = prefix_caching
+        # Prefix cache lookups at admission, in tokens: asked for (the request's tokens) and
+        # found cached (vLLM's prefix_cache_queries / prefix_cache_hits).
+        self.num_prefix_queries = 0
+        self.num_prefix_hits = 0
         self._queued_blocks = 0  # sum of _blocks_to_start over `waiting`
         # the batch's tokens and its longest request, as of the last schedule()
         self._kv_tokens = 0
@@ -166,14 +179,18 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             # Start a request only when its whole prefill fits now (here or by borrowing).
             # Admitting long prompts on their first chunk alone let several half-prefilled ones
             # fill the cluster and wait on each other, preempted and readmitted in turn.
             if not self._can_admit(request):
                 break
-            if not self.rmanager.allocate_slots(request.request_id, num_new):
+            num_cached = self._take_cached(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.rmanager.allocate_slots(request.request_id, num_cached + num_new):
+                self.rmanager.free(request.request_id)  # the cached blocks it took, if any
                 break
+            request.num_computed_tokens = num_cached
+            self._count_hit(request, num_cached)
             self.waiting.popleft()
             self._queued_blocks -= self._blocks_to_start(request)
             request.status = RequestStatus.RUNNING
@@ -182,6 +199,36 @@ class Scheduler:
             budget -= num_new
         self._note_load()
         return out
+
+    def _take_cached(self, request: Request) -> int:
+        """Give a starting request the cached blocks of its longest cached prefix; the tokens
+        they hold (0 without caching, or for a request that asks for prompt logprobs)."""
+        if not self.prefix_caching or request.params.prompt_logprobs is not None:
+            return 0
+        bs = self.rmanager.block_size
+        if len(request.block_keys) < request.num_tokens // bs:
+            block_keys(request.all_token_ids(), bs, request.block_keys)
+        # At least one token is computed: its logits give the next token.
+        usable = request.block_keys[: (request.num_tokens - 1) // bs]
+        return self.rmanager.take_cached(request.request_id, usable) * bs if usable else 0
+
+    def _count_hit(self, request: Request, num_cached: int) -> None:
+        if not self.prefix_caching:
+            return
+        self.num_prefix_queries += request.num_tokens
+        self.num_prefix_hits += num_cached
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_cached
+
+    def publish(self, request: Request) -> None:
+        """Enter the full blocks `request` has computed into the prefix cache (after a step)."""
+        if not self.prefix_caching:
+            return
+        bs = self.rmanager.block_size
+        num_full = request.num_computed_tokens // bs
+        if len(request.block_keys) < num_full:
+            block_keys(request.all_token_ids(), bs, request.block_keys)
+        self.rmanager.publish(request.request_id, request.block_keys, num_full)
 
     def _forget_load(self, request: Request) -> None:
         if request.request_id == self._longest:

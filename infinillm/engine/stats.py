@@ -11,7 +11,9 @@ if TYPE_CHECKING:
 
 def cluster_stats(engine: ClusterEngine) -> dict:
     """Per instance block counts and fitted step-time model, the debts, remote attention
-    traffic, block moves (those of proactive placement among them) and preemptions."""
+    traffic, block moves (those of proactive placement among them), preemptions and the
+    prefix cache (per instance: blocks in its index, and those of them no request uses, which
+    `free_blocks` counts as free; cluster-wide: lookups and hits in tokens)."""
     instances = []
     for inst in engine.instances:
         rm = inst.rmanager
@@ -22,6 +24,8 @@ def cluster_stats(engine: ClusterEngine) -> dict:
             "used_blocks": rm.num_blocks - rm.num_free_blocks - rm.num_lent_blocks,
             "lent_blocks": rm.num_lent_blocks,
             "borrowed_blocks": rm.num_borrowed_blocks(),
+            "cached_blocks": rm.num_cached_blocks,
+            "evictable_blocks": rm.num_evictable_blocks,
             "running": len(inst.scheduler.running),
             "waiting": len(inst.scheduler.waiting),
             "preemptions": inst.scheduler.num_preemptions,
@@ -46,6 +50,9 @@ def cluster_stats(engine: ClusterEngine) -> dict:
         "refused_loans": gm.num_refused_loans if gm is not None else 0,
         "standstills": engine.rebalancer.num_standstills,
         "preemptions": sum(i["preemptions"] for i in instances),
+        "prefix_caching": engine.config.cache.enable_prefix_caching,
+        "prefix_cache_queries": sum(i.scheduler.num_prefix_queries for i in engine.instances),
+        "prefix_cache_hits": sum(i.scheduler.num_prefix_hits for i in engine.instances),
     }
 
 

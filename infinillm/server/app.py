@@ -192,7 +192,8 @@ class OpenAIServer:
                                       logprobs=_all_logprobs(shape, i, o),
                                       finish_reason=shape.finish_reason(o))
                    for i, o in enumerate(outs)]
-        usage = P.Usage.of(num_prompt, sum(map(shape.num_generated, outs)))
+        usage = P.Usage.of(num_prompt, sum(map(shape.num_generated, outs)),
+                           _num_cached(outs, n))
         return _json(P.CompletionResponse(id=rid, model=self.model_name, choices=choices,
                                           usage=usage))
 
@@ -217,16 +218,18 @@ class OpenAIServer:
                                 finish_reason=shape.finish_reason(o))
                    for i, o in enumerate(outs)]
         return _json(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
-                                              usage=P.Usage.of(len(ids), _num_generated(outs))))
+                                              usage=P.Usage.of(len(ids), _num_generated(outs),
+                                                               _num_cached(outs, len(outs)))))
 
     def _stream(self, req: P.SamplingRequest, sub: Submission, arrival: float,
                 num_prompt: int, chunks: P.CompletionChunks, shape: Shape) -> EventStream:
-        events = self._events(sub, arrival, num_prompt, req.include_usage, chunks, shape)
+        events = self._events(sub, arrival, num_prompt, req.include_usage, chunks, shape,
+                              req.num_choices)
         return EventStream(events, on_close=lambda: self._abort(sub))
 
     async def _events(self, sub: Submission, arrival: float, num_prompt: int,
                       include_usage: bool, chunks: P.CompletionChunks,
-                      shape: Shape) -> AsyncIterator[str]:
+                      shape: Shape, num_choices: int = 1) -> AsyncIterator[str]:
         """Text deltas of every choice as the engine produces them (with the logprobs of the
         tokens new since the last event, when asked for), then usage, then [DONE]."""
         sent = [0] * len(sub)  # characters of text sent, per choice
@@ -249,7 +252,8 @@ class OpenAIServer:
                 if delta or reason or logprobs is not None:
                     yield chunks.delta(i, delta, reason, logprobs)
             if include_usage:
-                yield chunks.usage(P.Usage.of(num_prompt, sum(map(shape.num_generated, finals))))
+                yield chunks.usage(P.Usage.of(num_prompt, sum(map(shape.num_generated, finals)),
+                                              _num_cached(finals, num_choices)))
         except EngineDeadError as e:
             yield P.sse(P.APIError(503, str(e), code="engine_unavailable").body())
         yield P.SSE_DONE
@@ -504,6 +508,12 @@ def _all_logprobs(shape: Shape, i: int, out: RequestOutput):
 
 def _num_generated(outs: Iterable[RequestOutput | None]) -> int:
     return sum(len(o.outputs[0].token_ids) for o in outs if o is not None)
+
+
+def _num_cached(outs: list[RequestOutput | None], num_choices: int) -> int:
+    """Cached prompt tokens for usage: each prompt's once (its first choice), as prompt_tokens
+    counts each prompt once whatever `n`."""
+    return sum(o.num_cached_tokens for o in outs[::num_choices] if o is not None)
 
 
 def _json(body: BaseModel) -> Response:

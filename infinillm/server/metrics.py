@@ -28,6 +28,9 @@ _BLOCK_GAUGES = (
     ("used_blocks", "used_blocks", "rBlocks of the pool used by the instance's own requests"),
     ("lent_blocks", "lent_blocks", "rBlocks of the pool lent to other instances"),
     ("borrowed_blocks", "borrowed_blocks", "rBlocks the instance holds in other pools"),
+    ("cached_blocks", "cached_blocks", "rBlocks of the pool in the prefix cache (in use or not)"),
+    ("evictable_blocks", "evictable_blocks",
+     "cached rBlocks no request uses (counted as free; evicted when memory is needed)"),
     ("num_requests_running", "running", "requests running on the instance"),
     ("num_requests_waiting", "waiting", "requests waiting on the instance"),
 )
@@ -38,6 +41,10 @@ _CLUSTER_COUNTERS = (
     ("remote_bytes", "remote_bytes", "bytes sent between instances (queries, partials, KV)"),
     ("migrations", "migrations", "rBlocks moved between instances (recall)"),
     ("preemptions", "preemptions", "requests preempted for recompute"),
+    ("prefix_cache_queries", "prefix_cache_queries",
+     "prompt tokens looked up in the prefix cache when requests start"),
+    ("prefix_cache_hits", "prefix_cache_hits",
+     "prompt tokens found in the prefix cache (not computed); hit rate = hits / queries"),
 )
 
 

@@ -21,6 +21,9 @@ instances on devices of their own would be. `lockstep=True` runs the engine's sy
 cluster step instead (`run_trace`): every instance waits for the slowest, so a long prefill on
 one holds up the decodes of all, which is how `LLM` steps its instances today.
 
+Prefix caching is off here (unless `extra` turns it on): a trace gives lengths, and the prompt
+that stands in for each is one repeated token, so every request would hit the cache.
+
 Every request is sent greedy with `ignore_eos` and `max_tokens` = its trace output length, so it
 ends after exactly that many tokens unless the engine ends it early (a request that outgrows
 what it may hold ends with "length": it counts as cut short, not completed). A request the
@@ -102,7 +105,7 @@ def build_sim_engine(setup: SimSetup) -> ClusterEngine:
         placement="proactive" if setup.policy == "proactive" else "reactive",
         block_size=setup.block_size, kv_blocks_per_instance=blocks,
         max_num_seqs=setup.max_num_seqs, max_num_batched_tokens=setup.max_num_batched_tokens,
-        **setup.extra)
+        **{"enable_prefix_caching": False, **setup.extra})
 
     def factory(config, spec, ids):
         return SimExecutor(config, spec, ids, profile=profile, tensor_parallel=tp,

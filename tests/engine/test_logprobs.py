@@ -131,7 +131,8 @@ def test_prompt_logprobs_computed_once_across_preemption(tiny_llama, hf_model):
 
 
 def test_lm_head_runs_over_the_prompt_only_for_requests_that_ask(tiny_llama):
-    llm = LLM(tiny_llama, block_size=8, max_num_batched_tokens=256)
+    # the batch runs twice: without the prefix cache, the second run computes its prompts again
+    llm = LLM(tiny_llama, block_size=8, max_num_batched_tokens=256, enable_prefix_caching=False)
     rows = spy_head_rows(llm)
     batch = prompts([30, 20], seed=3)
     plain = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=5)
