@@ -18,6 +18,9 @@ The kernels are the worker's own AttentionBackend, chosen when the worker is bui
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
 from infinillm.attention import AttentionBackend
@@ -108,9 +111,26 @@ class _StepAttention:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@dataclass(slots=True)
+class StepRows:
+    """One instance's share of a step's token batch: its rows (flat token ids and positions,
+    in `order_chunks` order), its attention for them, and which rows its logits come from:
+    `head_rows` lists the row of every sampling chunk, then every prompt-logprob row."""
+
+    chunks: list[ScheduledChunk]
+    attention: _StepAttention
+    token_ids: list[int]
+    positions: list[int]
+    sampled: list[ScheduledChunk]
+    head_rows: list[int]
+
+
 class Worker:
     """Runs one instance: `execute(plan)` returns the sampled token of every sampling chunk,
-    and the logprobs its chunks asked for."""
+    and the logprobs its chunks asked for.
+
+    `execute` is `rows` -> the model's forward -> `finish`; the in-process executor calls the
+    parts itself to run the rows of all its instances in one forward (`forward_together`)."""
 
     def __init__(self, instance_id: InstanceId, model: LlamaModel, storage: KVStorage,
                  attention: AttentionBackend, fabric: Fabric | None = None,
@@ -123,11 +143,22 @@ class Worker:
         self.eos_token_ids = eos_token_ids  # banned by min_tokens
 
     def execute(self, plan: StepPlan) -> StepResult:
-        result = StepResult({}, {})
         if not plan.chunks:
             if self.fabric is not None and self.fabric.active(self.instance_id):
                 self._serve_only()
-            return result
+            return StepResult({}, {})
+        rows = self.rows(plan)
+        # The forward pass needs at least one row; then its logits are unused.
+        logits = self.model.forward(
+            torch.tensor(rows.token_ids, dtype=torch.int64),
+            torch.tensor(rows.positions, dtype=torch.int64),
+            rows.attention,
+            torch.tensor(rows.head_rows or [0], dtype=torch.int64),
+        )
+        return self.finish(rows, logits)
+
+    def rows(self, plan: StepPlan) -> StepRows:
+        """The flat token batch of a plan with chunks, and its attention."""
         chunks, num_padded = order_chunks(self.instance_id, plan.chunks)
         attn = _StepAttention(self.instance_id, self.storage, self.attention, self.fabric,
                               chunks, num_padded, self.model.scale)
@@ -145,18 +176,18 @@ class Worker:
             if c.sample:
                 sample_rows.append(len(token_ids) - 1)
                 sampled.append(c)
-        # The forward pass needs at least one row; then its logits are unused.
-        head_rows = sample_rows + prompt_rows or [0]
-        logits = self.model.forward(
-            torch.tensor(token_ids, dtype=torch.int64),
-            torch.tensor(positions, dtype=torch.int64),
-            attn,
-            torch.tensor(head_rows, dtype=torch.int64),
-        )
-        if prompt_rows:
-            self._prompt_logprobs(logits[len(sample_rows):], chunks, result)
-        if sampled:
-            self._sample(logits[: len(sample_rows)], sampled, result)
+        return StepRows(chunks, attn, token_ids, positions, sampled, sample_rows + prompt_rows)
+
+    def finish(self, rows: StepRows, logits: torch.Tensor) -> StepResult:
+        """Sample and gather logprobs from logits [len(rows.head_rows), V] float32 (extra
+        rows past those are ignored)."""
+        result = StepResult({}, {})
+        num_sampled = len(rows.sampled)
+        if len(rows.head_rows) > num_sampled:
+            self._prompt_logprobs(logits[num_sampled : len(rows.head_rows)], rows.chunks,
+                                  result)
+        if num_sampled:
+            self._sample(logits[:num_sampled], rows.sampled, result)
         return result
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
@@ -193,3 +224,60 @@ class Worker:
         for layer in range(len(self.model.layers)):
             self.fabric.exchange(self.instance_id, layer, {}, empty, empty, empty,
                                  self.model.scale)
+
+
+class _JointAttention:
+    """The AttentionFn of one forward over several instances' rows: per layer, each
+    instance's `_StepAttention` on its own rows [start, end) of q/k/v, outputs concatenated.
+    `seconds[i]` sums the time spent in part i's attention (its fabric exchange included).
+
+    Instances take their turns layer by layer (all of layer l, then all of layer l + 1) rather
+    than one instance's whole forward after another's. Attention reads nothing another
+    instance writes in the same step: a request's blocks (local or borrowed) belong to that
+    request alone, so an owner's exchange writes K/V only into blocks of its own requests and
+    reads only those; and every layer has its own K/V tensors. So the order of the turns within
+    a layer changes no result, and each owner's writes of layer l still precede its reads of
+    layer l (they happen inside its own call, before its attention)."""
+
+    def __init__(self, parts: list[_StepAttention], bounds: list[int]) -> None:
+        self.parts = parts
+        self.bounds = bounds  # len(parts) + 1 row offsets
+        self.seconds = [0.0] * len(parts)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i, part in enumerate(self.parts):
+            started = time.perf_counter()
+            rows = slice(self.bounds[i], self.bounds[i + 1])
+            outs.append(part(layer, q[rows], k[rows], v[rows]))
+            self.seconds[i] += time.perf_counter() - started
+        return torch.cat(outs)
+
+
+def forward_together(model: LlamaModel,
+                     steps: list[StepRows]) -> tuple[list[torch.Tensor], list[float]]:
+    """One forward of the shared model over the rows of several instances (in-process
+    instances share one copy of the weights): every linear layer and the LM head run once for
+    all of them, attention per instance. Returns each step's logits [len(head_rows), V]
+    float32, and the seconds each step spent in its own attention."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    head_rows: list[int] = []
+    bounds = [0]
+    for s in steps:
+        head_rows.extend(len(token_ids) + r for r in s.head_rows)
+        token_ids.extend(s.token_ids)
+        positions.extend(s.positions)
+        bounds.append(len(token_ids))
+    attn = _JointAttention([s.attention for s in steps], bounds)
+    # The forward pass needs at least one row; then its logits are unused.
+    logits = model.forward(
+        torch.tensor(token_ids, dtype=torch.int64),
+        torch.tensor(positions, dtype=torch.int64),
+        attn,
+        torch.tensor(head_rows or [0], dtype=torch.int64),
+    )
+    if not head_rows:
+        return [logits[:0]] * len(steps), attn.seconds
+    return list(logits.split([len(s.head_rows) for s in steps])), attn.seconds
