@@ -1,6 +1,6 @@
 """Where a decode step's time goes, by part, at a few batch sizes (one instance, in-process).
 
-    python -m bench.decode_profile [--model DIR] [--batch-sizes 32,64] [--steps 16]
+    python -m bench.decode_profile [--model DIR] [--batch-sizes 32,64] [--steps 16] [--threads N]
 
 For each batch size: that many seeded `offline` prompts (32-40 tokens), greedy; the engine steps
 until every request has decoded a few tokens, then `--steps` decode steps are timed by part, with
@@ -72,11 +72,12 @@ def instrument(llm, acc: dict):
     return lambda: setattr(Linear, "__call__", call)
 
 
-def profile(model: str | None, prompts: list[list[int]], num_steps: int) -> dict[str, float]:
+def profile(model: str | None, prompts: list[list[int]], num_steps: int,
+            num_threads: int | None) -> dict[str, float]:
     """Per decode step: milliseconds by part."""
     from infinillm import LLM
 
-    llm = LLM(model)
+    llm = LLM(model, num_threads=num_threads)
     engine = llm.engine
     for p in prompts:
         engine.add_request(p, greedy(num_steps + 100))
@@ -114,13 +115,15 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder (default: the embedded default)")
     ap.add_argument("--batch-sizes", default="32,64")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 where other work shares the cores")
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     model_path, arch = model_info(args.model)
     requests = make_workload("offline", max(sizes), arch.vocab_size, seed=0,
                              new_tokens=(args.steps, args.steps))
     prompts = [a.prompt_ids for a in requests]
-    results = {b: profile(args.model, prompts[:b], args.steps) for b in sizes}
+    results = {b: profile(args.model, prompts[:b], args.steps, args.threads) for b in sizes}
     rows = []
     for part in ("step", *PARTS):
         row = {"part": part}

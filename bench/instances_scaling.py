@@ -1,7 +1,7 @@
 """Offline throughput of 1, 2 and 4 in-process instances with the same total KV memory.
 
     python -m bench.instances_scaling [--model DIR] [--instances 1,2,4] [--batch 32]
-        [--max-tokens 32] [--total-blocks 512] [--repeats 2]
+        [--max-tokens 32] [--total-blocks 512] [--repeats 2] [--threads N]
 
 Every configuration gets the same seeded requests (the `offline` workload: `--batch` prompts of
 32-40 random token ids, greedy, ignore_eos, `--max-tokens` new tokens each) and splits
@@ -31,12 +31,13 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[floa
 
 
 def run_config(model: str | None, num_instances: int, total_blocks: int,
-               prompts: list[list[int]], max_tokens: int, repeats: int) -> dict[str, dict]:
+               prompts: list[list[int]], max_tokens: int, repeats: int,
+               num_threads: int | None) -> dict[str, dict]:
     """Per mode: best seconds, tokens/s and the greedy tokens of `num_instances` instances."""
     from infinillm import LLM
 
     llm = LLM(model, num_instances=num_instances,
-              kv_blocks_per_instance=total_blocks // num_instances)
+              kv_blocks_per_instance=total_blocks // num_instances, num_threads=num_threads)
     executor = llm.engine.executor
     modes = ["joint", "separate"] if num_instances > 1 else ["joint"]
     llm.generate(prompts, greedy(max_tokens), use_tqdm=False)  # warm-up
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--total-blocks", type=int, default=512, help="KV blocks of all instances")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per mode; best is kept")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 where other work shares the cores")
     args = ap.parse_args()
     counts = [int(n) for n in args.instances.split(",")]
     if counts[0] != 1:
@@ -70,7 +73,7 @@ def main() -> None:
                              new_tokens=(args.max_tokens, args.max_tokens))
     prompts = [a.prompt_ids for a in requests]
     runs = {n: run_config(args.model, n, args.total_blocks, prompts, args.max_tokens,
-                          args.repeats) for n in counts}
+                          args.repeats, args.threads) for n in counts}
     base = runs[1]["joint"]
     rows = []
     for n, modes in runs.items():
@@ -85,7 +88,7 @@ def main() -> None:
     print_table(rows)
     emit_json({"bench": "instances_scaling", "machine": machine_info(),
                "model": str(model_path), "batch": args.batch, "max_tokens": args.max_tokens,
-               "total_blocks": args.total_blocks, "rows": rows})
+               "total_blocks": args.total_blocks, "threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":
