@@ -68,18 +68,22 @@ class _StepAttention:
 
     @staticmethod
     def _padded_tables(chunks: list[ScheduledChunk], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """slot_table [B, Lmax] int64 and mask [B, 1, 1, Lmax] of the padded decodes, built
+        from one [B, blocks] table in a few whole-batch operations (not a few per request).
+        Padding points at a valid slot: of the request's own blocks, or of block 0."""
         lens = [c.start_pos + 1 for c in chunks]
         width = max(lens)
+        num_blocks = -(-width // bs)
+        table = [[b for _, b in c.blocks[:num_blocks]] for c in chunks]
+        for row in table:
+            row.extend([0] * (num_blocks - len(row)))
+        block_table = torch.tensor(table, dtype=torch.int64)
         positions = torch.arange(width)
-        tables = torch.zeros(len(chunks), width, dtype=torch.int64)
-        for i, c in enumerate(chunks):
-            ids = torch.tensor([b for _, b in c.blocks], dtype=torch.int64)
-            n = lens[i]
-            tables[i, :n] = ids[positions[:n] // bs] * bs + positions[:n] % bs
-        mask = torch.zeros(len(chunks), 1, 1, width)
-        mask.masked_fill_(positions[None, None, None, :] >= torch.tensor(lens)[:, None, None, None],
-                          float("-inf"))
-        return tables, mask
+        slots = block_table[:, positions // bs] * bs + positions % bs
+        padding = positions[None, :] >= torch.tensor(lens)[:, None]
+        mask = torch.zeros(len(chunks), 1, 1, width).masked_fill_(padding[:, None, None, :],
+                                                                   float("-inf"))
+        return slots, mask
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
