@@ -14,6 +14,11 @@ supplies the model with an attention function that runs DistAttention per layer:
   (read in place where blocks are adjacent), and those stored on each holder, computed there.
 
 The kernels are the worker's own AttentionBackend, chosen when the worker is built.
+
+Instances in one process share the model: `forward_together` runs the rows of several workers'
+steps (each from `Worker.rows`) as one forward, so every linear layer and the LM head multiply all
+of them at once, and hands each worker's `_StepAttention` its own rows at every layer; each
+worker then samples from its own logits (`Worker.finish`).
 """
 
 from __future__ import annotations
