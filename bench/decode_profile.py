@@ -64,9 +64,9 @@ def instrument(llm, acc: dict):
     model.forward = timed_forward
     call = Linear.__call__
 
-    def timed_linear(self, x):
+    def timed_linear(self, x, **kwargs):
         key = "lm_head" if self is model.lm_head else "linears"
-        return _timed(acc, key, call)(self, x)
+        return _timed(acc, key, call)(self, x, **kwargs)
 
     Linear.__call__ = timed_linear
     return lambda: setattr(Linear, "__call__", call)
