@@ -17,6 +17,7 @@ token with one instance's. Prints a table and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from bench.lib.ours import greedy, model_info
@@ -48,6 +49,7 @@ def run_config(model: str | None, num_instances: int, total_blocks: int,
             executor.joint_forward = mode == "joint"
             seconds, tokens[mode] = timed_generate(llm, prompts, max_tokens)
             best[mode] = min(best.get(mode, seconds), seconds)
+            print(f"{num_instances} instance(s), {mode}: {seconds:.2f} s", file=sys.stderr)
     new_tokens = len(prompts) * max_tokens
     return {mode: {"seconds": best[mode], "tokens_per_s": new_tokens / best[mode],
                    "ms_per_step": best[mode] / max_tokens * 1e3, "token_ids": tokens[mode]}
