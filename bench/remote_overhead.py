@@ -214,7 +214,6 @@ def main() -> None:
     total = args.context + max_tokens
     args.blocks = -(-total // args.block_size) + 1  # the whole request fits on instance 0
 
-    import torch
 
     from infinillm.kvcache import block_bytes
 
@@ -227,7 +226,7 @@ def main() -> None:
             c.place(args.placement)
             c.timed_segment(args.steps)
     per_block = block_bytes(arch.num_layers, arch.num_kv_heads, arch.head_dim, args.block_size,
-                            getattr(torch, configs[0].engine.config.model.dtype))
+                            configs[0].engine.executor.workers[0].model.dtype)
     res = results(args, configs, per_block)
     print_table([table_row(r) for r in res])
     emit_json({"bench": "remote_overhead", "machine": machine_info(), "model": str(model_path),

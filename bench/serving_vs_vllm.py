@@ -1,20 +1,21 @@
 """How does infinillm's OpenAI server compare with vLLM's? One after the other, at Poisson loads.
 
     python -m bench.serving_vs_vllm [--systems infinillm,vllm] [--instances 2] [--rates 1,2,4]
-        [--num-requests 40] [--input-len 64-256] [--output-len 32-128] [--duration-cap 60]
+        [--engine-process on|off|on,off] [--num-requests 40] [--input-len 64-256]
+        [--output-len 32-128] [--duration-cap 60]
 
 For each system (and each `--instances` count for infinillm: `--instances 1,2` runs both; one
-instance is the like-for-like peer of vLLM's one engine) the script starts the server as a
+instance is the like-for-like peer of vLLM's one engine; `--engine-process on,off` runs each with
+the engine in its own process and on a thread of the API process) the script starts the server as a
 subprocess on a free loopback port (bench.lib.servers; vLLM's command from bench.lib.vllm), times
-its start-up (launch to /health for infinillm, /v1/models for vLLM), sends `--warmup` short
-untimed requests, then for each rate a seeded workload (bench.lib.workloads `uniform`): Poisson
-arrivals, prompts of random token ids (the same ids for both engines), greedy, ignore_eos,
-`max_tokens` uniform in --output-len, streamed with usage (bench.lib.http_load). Between rates
-it waits until the server's /metrics shows no request held. A rate stops at --duration-cap
-seconds: streams still open are cut, unsent requests dropped (both counted). Then it stops the
-server (SIGINT, then SIGKILL of its process group after --stop-timeout) and checks that none of
-its processes is left (any are killed and listed as `orphans`). Without .venv-vllm the vLLM
-system is skipped with a note.
+its start-up (launch to /health for infinillm, /v1/models for vLLM), sends `--warmup` short untimed
+requests, then for each rate a seeded workload (bench.lib.workloads `uniform`): Poisson arrivals,
+prompts of random token ids (the same ids for both engines), greedy, ignore_eos, `max_tokens`
+uniform in --output-len, streamed with usage (bench.lib.http_load). Between rates it waits until the
+server's /metrics shows no request held. A rate stops at --duration-cap seconds: streams still open
+are cut, unsent requests dropped (both counted). Then it stops the server (SIGINT, then SIGKILL of
+its process group after --stop-timeout) and checks that none of its processes is left (any are
+killed and listed as `orphans`). Without .venv-vllm the vLLM system is skipped with a note.
 
 Servers never run at the same time; the client shares the 2 cores with the server being
 measured, alike for both. vLLM runs with prefix caching off, and each rate draws its own prompts
@@ -54,11 +55,14 @@ def server_specs(args, model_dir: str) -> list[ServerSpec]:
     for system in args.systems:
         if system == "infinillm":
             for n in args.instances:
-                # this interpreter, so that the server runs the same infinillm as this script
-                cmd = [sys.executable, "-m", "infinillm.cli", "serve", "--instances", str(n)]
-                cmd += ["--model", args.model] if args.model else []
-                cmd += ["--kv-blocks", str(args.kv_blocks)] if args.kv_blocks else []
-                specs.append(ServerSpec(f"infinillm x{n}", "infinillm", cmd, {}, "/health"))
+                for process in args.engine_process:
+                    # this interpreter, so that the server runs the same infinillm as this script
+                    cmd = [sys.executable, "-m", "infinillm.cli", "serve", "--instances", str(n)]
+                    cmd += ["--model", args.model] if args.model else []
+                    cmd += ["--kv-blocks", str(args.kv_blocks)] if args.kv_blocks else []
+                    cmd += [] if process == "on" else ["--no-engine-process"]
+                    label = f"infinillm x{n}" + ("" if process == "on" else " (engine thread)")
+                    specs.append(ServerSpec(label, "infinillm", cmd, {}, "/health"))
         elif have_vllm():
             specs.append(ServerSpec("vllm", "vllm", api_server_command(model_dir), VLLM_ENV,
                                     "/v1/models"))
@@ -178,6 +182,9 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default="infinillm,vllm")
     ap.add_argument("--instances", default="2", help="infinillm instance counts, e.g. 1,2")
+    ap.add_argument("--engine-process", default="on",
+                    help="infinillm's engine: on (its own process), off (a thread of the API "
+                         "process) or on,off (both, one after the other)")
     ap.add_argument("--rates", default="1,2,4", help="requests per second")
     ap.add_argument("--num-requests", type=int, default=40, help="per rate")
     ap.add_argument("--seed", type=int, default=0)
@@ -194,6 +201,9 @@ def parse_args() -> argparse.Namespace:
     if not args.systems or set(args.systems) - {"infinillm", "vllm"}:
         ap.error(f"--systems takes infinillm and/or vllm, got {args.systems}")
     args.instances = [int(n) for n in args.instances.split(",")]
+    args.engine_process = [p for p in args.engine_process.split(",") if p]
+    if not args.engine_process or set(args.engine_process) - {"on", "off"}:
+        ap.error(f"--engine-process takes on and/or off, got {args.engine_process}")
     args.rates = [float(r) for r in args.rates.split(",")]
     args.input_len, args.output_len = parse_range(args.input_len), parse_range(args.output_len)
     if min(args.instances) < 1 or min(args.rates) <= 0 or args.num_requests < 1:

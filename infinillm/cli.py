@@ -3,7 +3,10 @@
 
 User errors (bad values, missing model) print one line and exit with status 2; no traceback.
 `serve` runs until Ctrl-C (or SIGTERM): the engine loop stops first, so open streams end at once
-with an error event and [DONE], then uvicorn closes, then the instances shut down.
+with an error event and [DONE], then uvicorn closes, then the instances shut down. By default
+the engine runs in an engine-core process of its own (server/core.py), which the API process
+stops and joins (terminates, if it must) on the way out; `--no-engine-process` keeps it on a
+thread of the API process.
 """
 
 from __future__ import annotations
@@ -188,19 +191,15 @@ def served_model_name(model: str | None) -> str:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from infinillm.engine import AsyncEngine
     from infinillm.server import create_app
 
     sock = _listen(args.host, args.port)  # before loading the model: a busy port fails fast
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"[infinillm] warning: listening on {args.host} without --api-key: anyone who "
               "can reach this port can use the server", file=sys.stderr)
-    llm = _make_llm(args)
-    engine = llm.engine
+    async_engine, summary, model_path, stop = _start_engine(args)
     name = args.served_model_name or served_model_name(args.model)
-    aliases = {a for a in (args.model, str(engine.model_path)) if a}
-    async_engine = AsyncEngine(engine)
-    async_engine.start()
+    aliases = {a for a in (args.model, model_path) if a}
     app = create_app(async_engine, name, args.api_key, model_aliases=aliases)
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                             log_level="info" if args.verbose else "warning",
@@ -214,17 +213,43 @@ def _serve(args: argparse.Namespace) -> int:
             await super().shutdown(sockets)
 
     server = Server(config)
-    summary = (f"{name}: {len(engine.instances)} instance(s) x {engine.num_blocks_per_instance} "
-               f"blocks of {engine.config.cache.block_size} tokens, lending "
-               f"{'on' if engine.lending else 'off'}; loaded in {engine.load_seconds:.1f} s")
     try:
-        asyncio.run(_run_server(server, sock, summary, name, args.api_key))
+        asyncio.run(_run_server(server, sock, f"{name}: {summary}", name, args.api_key))
     finally:
         sock.close()
-        async_engine.shutdown()
-        llm.shutdown()
+        stop()
         print("[infinillm] server stopped", file=sys.stderr)
     return 0 if server.started else 1
+
+
+def _start_engine(args: argparse.Namespace):
+    """The started engine the app serves (an EngineClient over an engine-core process, or an
+    AsyncEngine on a thread here), a one-line summary, the model folder, and how to stop it."""
+    if args.engine_process:
+        from infinillm.config import Config
+        from infinillm.server.client import EngineClient
+
+        client = EngineClient(Config.from_kwargs(**config_kwargs(args)))
+        i = client.info
+        summary = (f"{i.num_instances} instance(s) x {i.num_blocks_per_instance} blocks of "
+                   f"{i.block_size} tokens, lending {'on' if i.lending else 'off'}; loaded in "
+                   f"{i.load_seconds:.1f} s; engine core pid {i.pid}")
+        return client, summary, i.model_path, client.shutdown
+    from infinillm.engine import AsyncEngine
+
+    llm = _make_llm(args)
+    engine = llm.engine
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    summary = (f"{len(engine.instances)} instance(s) x {engine.num_blocks_per_instance} "
+               f"blocks of {engine.config.cache.block_size} tokens, lending "
+               f"{'on' if engine.lending else 'off'}; loaded in {engine.load_seconds:.1f} s")
+
+    def stop() -> None:
+        async_engine.shutdown()
+        llm.shutdown()
+
+    return async_engine, summary, str(engine.model_path), stop
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-_DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTION_BACKENDS = ("auto", "torch", "cpu_flash")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_ATTENTION_BACKENDS = ("auto", "torch", "cpu_flash", "triton")
 _EXECUTORS = ("inproc", "ray", "sim")
 
 
@@ -120,7 +121,8 @@ class ModelConfig:
     model: str | None = setting(
         None, "Hugging Face model folder or .gguf file "
               "(unset: the embedded SmolLM2-135M-Instruct)", metavar="PATH")
-    dtype: str = setting("float32", "weights, activations and KV cache", choices=_DTYPES)
+    dtype: str = setting("auto", "weights, activations and KV cache (auto: bfloat16 on CUDA, "
+                                 "float32 on CPU)", choices=_DTYPES)
     max_model_len: int | None = setting(
         None, "longest prompt plus output, in tokens (unset, or more than the model has: "
               "the model's context length)")
@@ -140,16 +142,23 @@ class CacheConfig:
     kv_blocks_per_instance: int | None = setting(
         None, "rBlocks per instance (unset: as many as the KV cache memory holds)",
         aliases=("--kv-blocks",))
-    kv_cache_memory_bytes: int = setting(
-        2 << 30, "KV cache memory per instance in bytes; the command line also takes sizes "
-                 "such as 2GiB or 512MiB",
+    kv_cache_memory_bytes: int | None = setting(
+        None, "KV cache memory per instance in bytes; the command line also takes sizes "
+              "such as 2GiB or 512MiB (unset: 2GiB on CPU; on CUDA what "
+              "gpu_memory_utilization of the GPU leaves after weights and activations)",
         aliases=(Alias("--kv-memory-gb", parse=_gib, metavar="GIB",
                        help="the same in GiB (older flag)"),),
-        parse=parse_size, show=format_size, metavar="SIZE")
+        parse=parse_size, show=lambda v: "unset" if v is None else format_size(v),
+        metavar="SIZE")
+    gpu_memory_utilization: float = setting(
+        0.9, "on CUDA, the share of the GPU's memory this engine may use: weights, activations "
+             "and KV pools (as vLLM's flag); CPU ignores it")
 
     def __post_init__(self) -> None:
         check_declared(self)
-        _require_positive(self, "block_size", "kv_blocks_per_instance", "kv_cache_memory_bytes")
+        _require_positive(self, "block_size", "kv_blocks_per_instance", "kv_cache_memory_bytes",
+                          "gpu_memory_utilization")
+        _require_fraction(self, "gpu_memory_utilization")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +178,8 @@ class SchedulerConfig:
 class RuntimeConfig:
     """How and where workers run.
 
-    With the ray executor, tensors between actors travel over torch.distributed (gloo on CPU);
+    With the ray executor, tensors between actors travel over torch.distributed (gloo on CPU,
+    NCCL on CUDA, one GPU per actor);
     `dist_timeout_s` bounds a wait on a peer, which is how a dead peer is found mid-step.
     """
 
@@ -177,8 +187,8 @@ class RuntimeConfig:
     num_threads: int | None = setting(
         None, "CPU threads for compute (unset: torch's default; with ray, CPUs per instance)",
         aliases=("--threads",))
-    device: str = setting("cpu", "torch device of the workers, e.g. cpu or cuda",
-                          metavar="DEVICE")
+    device: str = setting("auto", "torch device of the workers: cpu, cuda, cuda:N, or auto "
+                                  "(cuda when torch sees a GPU, else cpu)", metavar="DEVICE")
     executor: str = setting(
         "inproc", "how instances run: inproc = all in this process; ray = one Ray actor each, "
                   "see docs/distributed.md; sim = no model, step times from a cost model on "
@@ -193,10 +203,15 @@ class RuntimeConfig:
     cpus_per_instance: float = setting(1.0, "CPUs each Ray actor asks for")
     dist_timeout_s: float = setting(60.0, "with the ray executor, seconds to wait on a peer "
                                           "instance before declaring it lost")
+    engine_process: bool = setting(
+        True, "serve: run the engine in a process of its own (the API process parses, tokenizes "
+              "and streams; see docs/serving.md); the offline LLM always runs in-process")
 
     def __post_init__(self) -> None:
         check_declared(self)
         _require_positive(self, "num_threads", "cpus_per_instance", "dist_timeout_s")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,13 @@ around; only the runtime turns them into tensors.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import TYPE_CHECKING, NewType
+
+if TYPE_CHECKING:
+    import numpy
 
 RequestId = NewType("RequestId", str)
 BlockId = NewType("BlockId", int)
@@ -34,6 +38,14 @@ class SamplingParams:
     likely tokens'; `prompt_logprobs` (n >= 0) the same for every prompt token but the first.
     Both are the log-softmax of the model's raw logits, before any control or temperature (vLLM's
     default "raw_logprobs").
+
+    `json_schema` (structured output: the text of a JSON schema, or a dict that is written as
+    one) constrains the output to a JSON value that validates against it: at every step only
+    the tokens that keep the output a prefix of such a value can be sampled (after the logit
+    controls, whatever the temperature or seed), EOS only once the value is complete, and the
+    request finishes ("stop") when nothing but EOS may follow. `{"type": "object"}` asks for
+    any JSON object (OpenAI's `json_object`). Plain data, so that it crosses process
+    boundaries; the engine compiles it (engine/grammar.py).
     """
 
     max_tokens: int = 16
@@ -52,6 +64,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -81,6 +94,14 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+        if isinstance(self.json_schema, dict):
+            try:
+                self.json_schema = json.dumps(self.json_schema)
+            except (TypeError, ValueError) as e:  # a value JSON cannot hold
+                raise ValueError(f"json_schema is not JSON: {e}") from None
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            raise ValueError(f"json_schema must be a JSON schema (str or dict) or None, got "
+                             f"{self.json_schema!r}")
 
     def _check_controls(self) -> None:
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
@@ -218,6 +239,10 @@ class ScheduledChunk:
     # which follow positions prompt_logprob_pos, prompt_logprob_pos + 1, ... of the chunk.
     prompt_logprob_pos: int = 0
     prompt_logprob_ids: list[int] | None = None
+    # The tokens a constrained request (params.json_schema) may sample, one bit per token id
+    # (bit t % 32 of word t // 32): an int32 numpy array [ceil(V / 32)], set by the engine
+    # before the step on sampling chunks only; a view, valid for this step (like `blocks`).
+    token_bitmask: numpy.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.holders is None:

@@ -14,6 +14,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, the "triton" attention backend's kernels run on CPU tensors under Triton's
+# interpreter, which must be switched on before anything imports triton (transformers does, when
+# the tiny models are built). Nothing else in the suite runs Triton code.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(
     vocab_size=512,

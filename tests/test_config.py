@@ -47,6 +47,8 @@ def test_every_field_is_an_llm_keyword_and_a_flag_with_its_default(section, f):
 def other_value(f: dataclasses.Field):
     """A valid value that is not the default, for any setting."""
     setting = next(s for s in SETTINGS if s.name == f.name)
+    if f.name == "device":  # a str with a checked form
+        return "cpu"
     if setting.choices:
         return next(c for c in setting.choices if c != f.default)
     return {bool: not f.default, int: 3, float: 0.5, str: "x"}[setting.value_type]
@@ -110,6 +112,11 @@ def test_unknown_keyword_names_the_closest(name, match):
         ({"dist_timeout_s": -1}, "dist_timeout_s must be positive, got -1"),
         ({"recall_blocks_per_step": -1}, "recall_blocks_per_step must be >= 0, got -1"),
         ({"recall_headroom_fraction": 2}, r"recall_headroom_fraction must be in \[0, 1\], got 2"),
+        ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ({"device": "cuda:x"}, "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+        ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization must be in \[0, 1\], got 1.5"),
+        ({"gpu_memory_utilization": 0}, "gpu_memory_utilization must be positive, got 0"),
+        ({"dtype": "fp8"}, "dtype must be one of"),
     ],
 )
 def test_bad_values_name_the_value(kwargs, match):

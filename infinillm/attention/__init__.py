@@ -1,7 +1,8 @@
 """Attention: backends behind one interface, chosen per worker by name, and the exact merge.
 
-    get_backend("auto" | "torch" | "cpu_flash", device) -> AttentionBackend
-        .micro_attention, .blocks_attention, .chunk_attention, .padded_decode_attention
+    get_backend("auto" | "torch" | "cpu_flash" | "triton", device) -> AttentionBackend
+        .micro_attention, .blocks_attention, .chunk_attention, .padded_decode_attention,
+        .write_kv
     merge(outs, lses) -> (out, lse)             backend-independent
     backend_names()                             the names `get_backend` accepts
 

@@ -18,6 +18,7 @@ What a worker runs per layer, and the operation for each:
     each other request's chunk over itself (causal) and its
     prefix stored here, merged with other holders' partials    chunk_attention
     a holder's part of another owner's request (fabric)        blocks_attention
+    new tokens' K/V into slots of this holder's cache           write_kv (KVStorage.write)
 
 A backend implements two kernels, `_micro_attention` and `_padded_decode_attention`;
 `blocks_attention` and `chunk_attention` are built from micro-attentions over pieces of the block
@@ -48,6 +49,20 @@ class AttentionBackend(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+    @classmethod  # noqa: B027 (optional hook)
+    def check_device(cls, device: str) -> None:
+        """Raise ValueError if this backend cannot run on `device` ("cpu", "cuda:1") in this
+        process, for reasons beyond `devices` (the registry checks both before building)."""
+
+    def write_kv(self, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor,
+                 key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store new tokens' K/V (KVStorage.write's kernel): key/value [T, Hkv, D] into caches
+        [Hkv, num_blocks, block_size, D] at flat slots [T] int64 (block_id * block_size +
+        offset)."""
+        hkv, d = key_cache.shape[0], key_cache.shape[-1]
+        key_cache.view(hkv, -1, d)[:, slots] = key.transpose(0, 1)
+        value_cache.view(hkv, -1, d)[:, slots] = value.transpose(0, 1)
 
     def micro_attention(
         self,
@@ -101,10 +116,10 @@ class AttentionBackend(ABC):
         """
         out, lse = self._padded_decode_attention(query, key_cache, value_cache, slot_table,
                                                  mask, scale=scale)
+        # Unconditional (no `if empty.any()`): asking would wait for the device every layer.
         empty = torch.isneginf(mask).all(dim=-1).reshape(-1)  # [B]
-        if bool(empty.any()):
-            out = out.masked_fill(empty[:, None, None], 0.0)
-            lse = lse.masked_fill(empty[:, None], -math.inf)
+        out = out.masked_fill(empty[:, None, None], 0.0)
+        lse = lse.masked_fill(empty[:, None], -math.inf)
         return out, lse
 
     @abstractmethod

@@ -66,7 +66,7 @@ def _gather_blocks(cache: torch.Tensor, block_ids: Sequence[int], lo: int, hi: i
     `out`, if given, is a reusable buffer of at least the blocks' size."""
     bs = cache.shape[2]
     first, last = lo // bs, (hi - 1) // bs
-    index = torch.tensor(block_ids[first : last + 1], dtype=torch.int64)
+    index = torch.tensor(block_ids[first : last + 1], dtype=torch.int64, device=cache.device)
     shape = (cache.shape[0], len(index), bs, cache.shape[3])
     if out is not None:
         out = out.view(-1)[: math.prod(shape)].view(shape)

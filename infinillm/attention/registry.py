@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 _BACKENDS: dict[str, str] = {
     "torch": "infinillm.attention.torch_backend:TorchBackend",
     "cpu_flash": "infinillm.attention.cpu_flash:CpuFlashBackend",
+    "triton": "infinillm.attention.triton_backend:TritonBackend",
 }
 
-# What "auto" picks on each device type. A Triton backend (CUDA, and CPU tensors under
-# TRITON_INTERPRET=1) would register as "triton" above and map "cuda" to it here.
-_AUTO_BY_DEVICE: dict[str, str] = {"cpu": "cpu_flash"}
+# What "auto" picks on each device type. "triton" also takes CPU tensors, but only under
+# Triton's interpreter (TRITON_INTERPRET=1), which is for tests: far slower than cpu_flash.
+_AUTO_BY_DEVICE: dict[str, str] = {"cpu": "cpu_flash", "cuda": "triton"}
 
 
 def backend_names() -> tuple[str, ...]:
@@ -52,4 +53,5 @@ def get_backend(name: str, device: str = "cpu") -> AttentionBackend:
     if cls.devices is not None and device_type not in cls.devices:
         raise ValueError(f"attention backend {resolved!r} runs on {cls.devices}, "
                          f"not on device {device!r}")
+    cls.check_device(device)
     return cls()

@@ -77,6 +77,14 @@ class AsyncEngine:
             self._thread = None
 
     @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
     def healthy(self) -> bool:
         return (self.error is None and not self._closed and self._thread is not None
                 and self._thread.is_alive())

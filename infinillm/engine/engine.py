@@ -28,6 +28,7 @@ from infinillm.cluster import InstanceView, Settlement, StepFeatures
 from infinillm.config import Config
 from infinillm.engine.builder import EngineParts, ExecutorFactory, Instance, build_engine_parts
 from infinillm.engine.clock import Clock, WallClock
+from infinillm.engine.grammar import StructuredOutput
 from infinillm.engine.intake import Intake, PreparedPrompt, route
 from infinillm.engine.output import OutputStream
 from infinillm.engine.scheduler import SchedulerOutput
@@ -71,6 +72,9 @@ class ClusterEngine:
                              self.max_model_len, config.cache.block_size, self.lending,
                              lambda: self.max_blocks_per_request)
         self.streams: dict[RequestId, OutputStream] = {}
+        # compiled JSON schemas and the matchers of constrained requests (engine/grammar.py)
+        self.structured = StructuredOutput(self.tokenizer, self.arch.vocab_size,
+                                           self.eos_token_ids)
         self.num_steps = 0
         self.last_step: StepRecord | None = None
         self._by_id = {i.instance_id: i for i in self.instances}
@@ -106,12 +110,16 @@ class ClusterEngine:
     def prepare(self, prompt: str | list[int],
                 params: SamplingParams | None = None) -> PreparedPrompt:
         """Tokenize and check a prompt without queueing it (safe from another thread)."""
-        return self.intake.prepare(prompt, params)
+        prepared = self.intake.prepare(prompt, params)
+        self.structured.check(prepared.params)  # compiles a JSON schema once, or ValueError
+        return prepared
 
     def add_prepared(self, prepared: PreparedPrompt, request_id: str | None = None) -> RequestId:
         request = self.intake.admit(prepared, request_id, self.streams.__contains__)
+        grammar = self.structured.admit(request)
         self.streams[request.request_id] = OutputStream(request, self.tokenizer,
-                                                        self.max_model_len, self.eos_token_ids)
+                                                        self.max_model_len, self.eos_token_ids,
+                                                        grammar)
         route(self.instances).scheduler.add(request)
         return request.request_id
 
@@ -120,6 +128,7 @@ class ClusterEngine:
         if stream is None:
             return
         stream.request.finish_reason = FinishReason.ABORT
+        self.structured.free(request_id)
         self.instance(stream.request.instance_id).scheduler.finish(stream.request)
         self._unstall()  # blocks were freed: the next step may run again
 
@@ -138,6 +147,7 @@ class ClusterEngine:
         num_preempted, num_moves = self._rebalance(advance=whole)
         stepping = self.instances if whole else [self.instance(i) for i in instances]
         scheduled = [inst.scheduler.schedule() for inst in stepping]
+        self.structured.fill_bitmasks(s.plan for s in scheduled)
         result = self._run(scheduled, advance=whole)
         outputs = self._update(scheduled, result)
         if self._lost:
@@ -286,6 +296,7 @@ class ClusterEngine:
             if owner is not None:  # None: its instance ended it, then was lost in that step
                 owner.scheduler.finish(stream.request)
             del self.streams[stream.request.request_id]
+            self.structured.free(stream.request.request_id)
         return out
 
     def _record(self, started: float, scheduled: list[SchedulerOutput],

@@ -3,8 +3,10 @@
 A request finishes when it samples an EOS token (unless `ignore_eos`) or one of its
 `stop_token_ids`, when its text contains a stop string (the text is cut before it; not before
 `min_tokens` tokens exist, as in vLLM), when it has `max_tokens` tokens, or when it reaches the
-model's context length. (The sampler keeps EOS and stop ids from being sampled before
-`min_tokens`.)
+model's context length. A request with a JSON schema also finishes ("stop") when its
+grammar is complete, whatever `min_tokens` says (nothing but EOS could follow). (The sampler
+keeps EOS and stop ids from being sampled before `min_tokens`, and tokens outside the grammar
+from being sampled at all.)
 
 Logprobs are kept on the Request, so that they survive a preemption: an output carries those
 of its tokens so far and, once the prompt is computed, those of the prompt (the same list on
@@ -13,6 +15,7 @@ every output, built once).
 
 from __future__ import annotations
 
+from infinillm.engine.grammar import RequestGrammar
 from infinillm.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from infinillm.types import (
     CompletionOutput,
@@ -25,8 +28,9 @@ from infinillm.types import (
 
 class OutputStream:
     def __init__(self, request: Request, tokenizer: Tokenizer | None, max_model_len: int,
-                 eos_token_ids: set[int]) -> None:
+                 eos_token_ids: set[int], grammar: RequestGrammar | None = None) -> None:
         self.request = request
+        self.grammar = grammar  # advanced by every sampled token but EOS
         self.detokenizer = (IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
                             if tokenizer is not None else _NoText())
         self.eos_ids = set() if request.params.ignore_eos else set(eos_token_ids)
@@ -54,9 +58,13 @@ class OutputStream:
             return
         before = len(self.text)
         self.text += self.detokenizer.add(token_id)
+        complete = self.grammar is not None and self.grammar.accept(token_id)
         may_stop = len(r.output_token_ids) >= r.params.min_tokens
         if r.params.stop and may_stop and self._cut_at_stop(before):
             r.finish_reason = FinishReason.STOP
+        elif complete:
+            r.finish_reason = FinishReason.STOP
+            self.text += self.detokenizer.flush()
         elif len(r.output_token_ids) >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
             r.finish_reason = FinishReason.LENGTH
             self.text += self.detokenizer.flush()

@@ -67,7 +67,9 @@ class _Layer:
 
 
 class LlamaModel:
-    """Weights of one model copy and its forward pass. Not an nn.Module: inference only."""
+    """Weights of one model copy and its forward pass. Not an nn.Module: inference only.
+
+    It runs on the device its weights are on; the forward's index tensors must be there too."""
 
     def __init__(self, arch: ModelArch, state: dict[str, torch.Tensor], dtype: torch.dtype):
         self.arch = arch
@@ -79,7 +81,8 @@ class LlamaModel:
             self.lm_head = Linear(self.embed)
         else:
             self.lm_head = Linear(self._take(state, "lm_head.weight"))
-        self.inv_freq = rope_inv_freq(arch)
+        self.device = self.embed.device
+        self.inv_freq = rope_inv_freq(arch).to(self.device)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
         self._q_size = arch.num_heads * arch.head_dim
         self._kv_size = arch.num_kv_heads * arch.head_dim

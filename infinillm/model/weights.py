@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,13 +22,31 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_state_dict(folder: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by its Hugging Face name, cast to `dtype`."""
+def load_state_dict(folder: str | Path, dtype: torch.dtype,
+                    device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by its Hugging Face name, cast to `dtype` on `device`
+    (safetensors reads each tensor straight to the device; the cast happens there)."""
     state: dict[str, torch.Tensor] = {}
-    for path in checkpoint_files(folder):
-        if not path.is_file():
-            raise ValueError(f"checkpoint shard {str(path)!r} is missing")
-        with safe_open(str(path), framework="pt") as f:
+    for path in _existing(folder):
+        with safe_open(str(path), framework="pt", device=device) as f:
             for name in f.keys():
                 state[name] = f.get_tensor(name).to(dtype)
     return state
+
+
+def checkpoint_numel(folder: str | Path) -> int:
+    """How many values the checkpoint holds, from the files' headers (nothing is loaded)."""
+    total = 0
+    for path in _existing(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def _existing(folder: str | Path) -> list[Path]:
+    files = checkpoint_files(folder)
+    for path in files:
+        if not path.is_file():
+            raise ValueError(f"checkpoint shard {str(path)!r} is missing")
+    return files

@@ -9,7 +9,8 @@ Each instance process holds one DistFabric. Per layer, `exchange` runs two round
 
 Message sizes follow from the step's plans: the owner derives its outgoing work itself, and the
 driver hands every holder its incoming work in `begin_step`, so no sizes are exchanged. Block
-moves use the same channels. gloo serves CPUs; NCCL would serve GPUs through the same calls.
+moves use the same channels. The backend follows the KV storage's device: gloo for CPU tensors,
+NCCL for CUDA tensors (one GPU per process); every buffer sent or received lives on that device.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ import torch.distributed as dist
 
 from infinillm.attention import AttentionBackend
 from infinillm.kvcache import KVStorage
-from infinillm.runtime.fabric import Fabric, Partial, nbytes, serve
+from infinillm.runtime.fabric import Fabric, Partial, nbytes, remote_index, serve
 from infinillm.runtime.traffic import RemoteWork
 from infinillm.types import BlockMove, InstanceId
+
+
+def dist_backend(device: torch.device | str) -> str:
+    """The torch.distributed backend for tensors on `device`: "nccl" for CUDA, else "gloo"."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 class DistFabric(Fabric):
@@ -38,6 +44,7 @@ class DistFabric(Fabric):
         self.kv_heads = storage.keys.shape[1]
         self.head_dim = storage.keys.shape[-1]
         self.dtype = storage.keys.dtype
+        self.device = storage.device
         self.ranks: dict[InstanceId, int] = {}
         self.incoming: dict[InstanceId, RemoteWork] = {}
 
@@ -48,8 +55,18 @@ class DistFabric(Fabric):
         if dist.is_initialized():
             dist.destroy_process_group()
         self.ranks = dict(ranks)
-        dist.init_process_group("gloo", init_method=init_method, rank=ranks[self.me],
-                                world_size=len(ranks), timeout=timedelta(seconds=timeout_s))
+        backend = dist_backend(self.device)
+        options = {}
+        if backend == "nccl":
+            torch.cuda.set_device(self.device)  # NCCL's point-to-point calls need it
+            options["device_id"] = self.device  # the communicator is made now, not lazily
+        dist.init_process_group(backend, init_method=init_method, rank=ranks[self.me],
+                                world_size=len(ranks), timeout=timedelta(seconds=timeout_s),
+                                **options)
+        if backend == "nccl":
+            # Every rank joins one collective before any batch_isend_irecv, which NCCL
+            # requires of the first call on a group.
+            dist.all_reduce(torch.zeros(1, device=self.device))
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -87,14 +104,15 @@ class DistFabric(Fabric):
         # round 1: K/V rows and queries to holders; the same from owners that use our blocks
         sends = []
         for holder, work in outgoing.items():
-            rows = torch.tensor(work.write_rows, dtype=torch.int64)
+            rows = remote_index(work, self.device)[0]
             parts = [k[rows].reshape(-1), v[rows].reshape(-1)]
             parts += [q[i.row : i.row + i.num_rows].reshape(-1) for i in work.items]
             payload = torch.cat(parts)
             sends.append((payload, holder))
             self.stats.count(me, holder, work, nbytes(payload))
         recvs = [(torch.empty((2 * len(w.write_rows) * hkv + w.num_query_rows * hq) * d,
-                              dtype=self.dtype), owner) for owner, w in self.incoming.items()]
+                              dtype=self.dtype, device=self.device), owner)
+                 for owner, w in self.incoming.items()]
         self._run(sends, recvs)
         # serve the owners, then round 2: partials back; ours from the holders
         replies = []
@@ -113,8 +131,8 @@ class DistFabric(Fabric):
         for holder, work in outgoing.items():
             if work.items:
                 n = work.num_query_rows
-                waiting[holder] = (torch.empty(n * hq * d, dtype=self.dtype),
-                                   torch.empty(n * hq, dtype=torch.float32))
+                waiting[holder] = (torch.empty(n * hq * d, dtype=self.dtype, device=self.device),
+                                   torch.empty(n * hq, dtype=torch.float32, device=self.device))
         recv2 = [(t, h) for h, pair in waiting.items() for t in pair]
         self._run(replies, recv2)
         return {h: self._unpack_reply(outs, lses, outgoing[h]) for h, (outs, lses) in
@@ -168,8 +186,8 @@ class DistFabric(Fabric):
             if dst == me and src != me:
                 incoming.setdefault(src, []).append(dst_block)
         sends = [(torch.cat(parts), dst) for dst, parts in outgoing.items()]
-        recvs = [(torch.empty(2 * len(blocks) * block_numel, dtype=self.dtype), src)
-                 for src, blocks in incoming.items()]
+        recvs = [(torch.empty(2 * len(blocks) * block_numel, dtype=self.dtype,
+                              device=self.device), src) for src, blocks in incoming.items()]
         if self.fault is not None:
             self.fault("move", me)
         self._run(sends, recvs)

@@ -41,9 +41,15 @@ class InstanceSpec:
     dtype: torch.dtype
     num_blocks: int
     block_size: int
-    device: str
+    device: str  # resolved: "cpu" or "cuda:N" (engine/device.py)
     attention_backend: str = "auto"  # a name of infinillm.attention.backend_names()
     eos_token_ids: frozenset[int] = frozenset()  # what min_tokens keeps from being sampled
+
+
+def load_model(spec: InstanceSpec) -> LlamaModel:
+    """The model's weights in `spec.dtype` on `spec.device`."""
+    return LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype, spec.device),
+                      spec.dtype)
 
 
 def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
@@ -52,10 +58,10 @@ def build_worker(spec: InstanceSpec, iid: InstanceId, model: LlamaModel | None,
     given (shared)."""
     attention = get_backend(spec.attention_backend, spec.device)  # before the slow load
     if model is None:
-        model = LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype), spec.dtype)
+        model = load_model(spec)
     arch = spec.arch
     storage = KVStorage(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks,
-                        spec.block_size, spec.dtype, spec.device)
+                        spec.block_size, spec.dtype, spec.device, writer=attention.write_kv)
     return Worker(iid, model, storage, attention, fabric, spec.eos_token_ids)
 
 
@@ -108,8 +114,7 @@ class InProcExecutor(Executor):
     concurrent_instances = False
 
     def __init__(self, spec: InstanceSpec, instance_ids: list[InstanceId]) -> None:
-        self.model = LlamaModel(spec.arch, load_state_dict(spec.model_path, spec.dtype),
-                                spec.dtype)
+        self.model = load_model(spec)
         self.fabric = InProcFabric()
         self.workers = {i: build_worker(spec, i, self.model, self.fabric) for i in instance_ids}
         for iid, worker in self.workers.items():

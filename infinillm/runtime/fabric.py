@@ -50,6 +50,26 @@ class FabricStats:
         self.bytes_sent += sent
 
 
+def index_tensors(device: torch.device, *index_lists: list[int]) -> list[torch.Tensor]:
+    """Each list as an int64 tensor on `device`: built on the host, moved in one copy (a step
+    makes these once, outside the layer loop, which then never waits for the host)."""
+    flat = torch.tensor([i for ids in index_lists for i in ids], dtype=torch.int64)
+    if flat.device != device:
+        flat = flat.to(device, non_blocking=True)
+    return list(flat.split([len(ids) for ids in index_lists]))
+
+
+def remote_index(work: RemoteWork, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`work.write_rows` and `write_slots` as int64 tensors on `device`, made once per step
+    and kept on the work (every layer asks)."""
+    key = str(device)
+    found = work.tensors.get(key)
+    if found is None:
+        found = work.tensors[key] = tuple(index_tensors(device, work.write_rows,
+                                                        work.write_slots))
+    return found
+
+
 def serve(storage: KVStorage, attention: AttentionBackend, layer: int, work: RemoteWork,
           k: torch.Tensor, v: torch.Tensor, queries: list[torch.Tensor],
           scale: float) -> list[Partial]:
@@ -59,7 +79,7 @@ def serve(storage: KVStorage, attention: AttentionBackend, layer: int, work: Rem
     k, v [len(work.write_rows), Hkv, D]; queries[i] [work.items[i].num_rows, Hq, D]; each
     partial is (out [num_rows, Hq, D], lse [Hq, num_rows] float32)."""
     if work.write_rows:
-        storage.write(layer, torch.tensor(work.write_slots, dtype=torch.int64), k, v)
+        storage.write(layer, remote_index(work, storage.device)[1], k, v)
     key_cache, value_cache = storage.layer(layer)
     return [attention.blocks_attention(q, key_cache, value_cache, i.prefix.block_ids,
                                        i.prefix.num_tokens, scale=scale)
@@ -122,7 +142,7 @@ class InProcFabric(Fabric):
                 self.fault("exchange.before", instance)
         results = {}
         for holder, work in outgoing.items():
-            rows = torch.tensor(work.write_rows, dtype=torch.int64)
+            rows = remote_index(work, k.device)[0]
             queries = [q[i.row : i.row + i.num_rows] for i in work.items]
             results[holder] = serve(self.storages[holder], self.backends[holder], layer, work,
                                     k[rows], v[rows], queries, scale)

@@ -2,7 +2,8 @@
 
 The driver keeps the schedulers, RManagers and the GManager; Ray carries control only (a step's
 plan to each actor, sampled tokens back). Tensors between instances travel over
-torch.distributed among the actors (DistFabric). If an actor dies, the step fails with
+torch.distributed among the actors (DistFabric): gloo on CPU; on CUDA each actor asks Ray for
+one GPU and the actors talk NCCL. If an actor dies, the step fails with
 InstanceLost; the survivors rebuild their process group, and the engine recomputes what the
 lost instance held.
 """
@@ -10,6 +11,7 @@ lost instance held.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import socket
@@ -30,6 +32,15 @@ from infinillm.types import BlockMove, InstanceId, StepPlan
 logger = logging.getLogger("infinillm")
 
 
+def actor_spec(spec: InstanceSpec) -> InstanceSpec:
+    """The spec as an actor applies it: a CUDA instance asked Ray for one GPU, and Ray shows
+    the actor that GPU alone (CUDA_VISIBLE_DEVICES), as cuda:0, whatever index the driver
+    named."""
+    if spec.device.startswith("cuda"):
+        return dataclasses.replace(spec, device="cuda:0")
+    return spec
+
+
 class InstanceActor:
     """One instance's worker and fabric, living in a Ray actor process."""
 
@@ -40,6 +51,7 @@ class InstanceActor:
 
         if num_threads:
             torch.set_num_threads(num_threads)
+        spec = actor_spec(spec)
         self.worker = build_worker(spec, iid, None, None)
         self.fabric = DistFabric(iid, self.worker.storage, self.worker.attention,
                                  spec.arch.num_heads)
@@ -101,7 +113,7 @@ class RayExecutor(Executor):
             raise ValueError(f"cannot reach the Ray cluster at {runtime.ray_address!r}: {e}") \
                 from None
         self._ray = ray
-        gpus = 1 if runtime.device.startswith("cuda") else 0
+        gpus = 1 if spec.device.startswith("cuda") else 0  # one GPU per actor
         self._check_resources(len(instance_ids), runtime.cpus_per_instance, gpus)
         actor_cls = ray.remote(num_cpus=runtime.cpus_per_instance, num_gpus=gpus,
                                max_restarts=0)(InstanceActor)

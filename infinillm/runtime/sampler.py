@@ -8,14 +8,18 @@ in the batch and of preemption.
 Logit controls (min_tokens, logit_bias, repetition / frequency / presence penalties; semantics
 in SamplingParams) change a copy of the rows of the requests that set them, before the
 temperature, touching only the tokens of their history; a batch where no request sets one does
-no work for them. Logprobs are the
-log-softmax of the raw logits (`token_logprobs`), whatever the controls did.
+no work for them. Structured output comes last: the rows of constrained requests (and only
+those) get -inf on every token their grammar's bitmask does not allow (the engine computes the
+bitmasks, engine/grammar.py), so greedy and seeded sampling both stay inside the grammar.
+Logprobs are the log-softmax of the raw logits (`token_logprobs`), whatever the controls and
+the grammar did.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+import numpy as np
 import torch
 
 from infinillm.types import SamplingParams, TokenLogprobs
@@ -26,24 +30,75 @@ LOGIT_BOUND = 1e30  # |logit| after the controls; / 1e-5 stays below float32's 3
 def sample(logits: torch.Tensor, params: list[SamplingParams], num_output_tokens: list[int],
            prompt_ids: Sequence[list[int] | None] | None = None,
            output_ids: Sequence[list[int] | None] | None = None,
-           eos_token_ids: Collection[int] = ()) -> list[int]:
+           eos_token_ids: Collection[int] = (),
+           token_bitmasks: Sequence[np.ndarray | None] | None = None) -> list[int]:
     """logits [S, V] float32 -> one token id per row. `prompt_ids` / `output_ids` (per row, the
     request's prompt and output so far) are read only by rows whose penalties need them;
-    `eos_token_ids` are the ids `min_tokens` bans (besides `stop_token_ids`). `logits` is not
+    `eos_token_ids` are the ids `min_tokens` bans (besides `stop_token_ids`);
+    `token_bitmasks` (per row, None or the int32 bitmask [ceil(V' / 32)] of the tokens a
+    constrained request may sample) mask those rows after the controls. `logits` is not
     changed."""
-    adjusted: dict[int, torch.Tensor] = {}
+    rows: list[int] = []
+    sub = None
     if any(p.adjusts_logits for p in params):
         none = [None] * len(params)
         rows, sub = adjust_logits(logits, params, num_output_tokens, prompt_ids or none,
                                   output_ids or none, eos_token_ids)
-        adjusted = dict(zip(rows, sub))
+    masked = [i for i, m in enumerate(token_bitmasks or ()) if m is not None]
+    if masked:
+        rows, sub = _mask_rows(logits, rows, sub, masked, [token_bitmasks[i] for i in masked])
     if all(p.greedy for p in params):
         tokens = logits.argmax(dim=-1)
-        if adjusted:
+        if rows:
             tokens[rows] = sub.argmax(dim=-1)
         return tokens.tolist()
+    adjusted = dict(zip(rows, sub)) if rows else {}
     return [_sample_row(adjusted.get(i, logits[i]), p, n)
             for i, (p, n) in enumerate(zip(params, num_output_tokens))]
+
+
+def _mask_rows(logits: torch.Tensor, rows: list[int], sub: torch.Tensor | None, masked: list[int],
+               bitmasks: list[np.ndarray]) -> tuple[list[int], torch.Tensor]:
+    """Add the `masked` rows to the adjusted ones (`rows`, their logits `sub` [R, V]) and set
+    every token their bitmask (int32 [W] each) does not allow to -inf: -> (rows, logits
+    [R', V], a copy). Only these rows pay: one unpack of [M, W] words into [M, V] bits, one
+    masked fill."""
+    banned = banned_tokens(np.stack(bitmasks), logits.shape[1], logits.device)
+    if not rows:  # the common case: no logit control in the batch
+        return masked, logits[masked].masked_fill_(banned, float("-inf"))
+    index = {row: k for k, row in enumerate(rows)}
+    extra = [i for i in masked if i not in index]
+    if extra:
+        index.update((row, len(rows) + k) for k, row in enumerate(extra))
+        rows = rows + extra
+        sub = torch.cat([sub, logits[extra]])
+    where = torch.tensor([index[i] for i in masked], dtype=torch.int64, device=sub.device)
+    sub[where] = sub[where].masked_fill_(banned, float("-inf"))
+    return rows, sub
+
+
+def banned_tokens(words: np.ndarray, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """words [M, W] int32 (bit t % 32 of word t // 32 set: token t allowed; llguidance's
+    layout) -> [M, vocab_size] bool on `device`, True where the token is not allowed (ids
+    beyond 32 W are not). On the CPU numpy's unpackbits (one C pass over the inverted words,
+    viewed as bool without a copy: ~10 us for 49k ids); elsewhere shifts on the device, so
+    that only the words cross to it."""
+    if device.type == "cpu":
+        bits = np.unpackbits((~words).view(np.uint8), axis=1, bitorder="little")
+        banned = torch.from_numpy(bits).view(torch.bool)
+    else:
+        banned = banned_by_shifts(torch.from_numpy(words).to(device))
+    if banned.shape[1] >= vocab_size:
+        return banned[:, :vocab_size]
+    pad = banned.new_ones(words.shape[0], vocab_size - banned.shape[1])
+    return torch.cat([banned, pad], dim=1)
+
+
+def banned_by_shifts(words: torch.Tensor) -> torch.Tensor:
+    """words [M, W] int32 -> [M, 32 W] bool (True: bit not set), with tensor ops on their
+    device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    return (((words[:, :, None] >> shifts) & 1) == 0).view(words.shape[0], -1)
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
@@ -130,7 +185,10 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     generator = None
     if p.seed is not None:
-        generator = torch.Generator().manual_seed(hash((p.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        # The generator lives where probs do (multinomial needs that): a seed gives the same
+        # tokens on the same device type, not across CPU and CUDA.
+        generator = torch.Generator(probs.device)
+        generator.manual_seed(hash((p.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -43,6 +43,8 @@ class RemoteWork:
     write_rows: list[int] = field(default_factory=list)
     write_slots: list[int] = field(default_factory=list)
     items: list[RemoteItem] = field(default_factory=list)
+    # The index lists as tensors, by device, filled by the data plane (fabric.remote_index).
+    tensors: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_query_rows(self) -> int:

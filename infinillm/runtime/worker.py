@@ -31,7 +31,7 @@ import torch
 from infinillm.attention import AttentionBackend
 from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel
-from infinillm.runtime.fabric import Fabric, Partial
+from infinillm.runtime.fabric import Fabric, Partial, index_tensors, remote_index
 from infinillm.runtime.sampler import sample, token_logprobs
 from infinillm.runtime.traffic import Prefix, order_chunks, prefix_by_holder, remote_work
 from infinillm.types import InstanceId, ScheduledChunk, StepPlan, StepResult
@@ -57,11 +57,14 @@ class _StepAttention:
                     local_slots.append(block * bs + pos % bs)
                 row += 1
         self.all_rows_local = len(local_rows) == row
-        self.local_rows = torch.tensor(local_rows, dtype=torch.int64)
-        self.local_slots = torch.tensor(local_slots, dtype=torch.int64)
+        device = storage.device
+        self.local_rows, self.local_slots = index_tensors(device, local_rows, local_slots)
         self.num_padded = num_padded
         if num_padded:
-            self.slot_table, self.mask = self._padded_tables(chunks[:num_padded], bs)
+            self.slot_table, self.mask = (t.to(device, non_blocking=True) for t in
+                                          self._padded_tables(chunks[:num_padded], bs))
+        for work in self.remote.values():  # made here once, not at the first layer
+            remote_index(work, device)
         # per request: first row, rows, the local part of its prefix, holders of the rest
         self.single: list[tuple[int, int, Prefix | None, list[InstanceId]]] = []
         row = num_padded
@@ -158,12 +161,9 @@ class Worker:
             return StepResult({}, {})
         rows = self.rows(plan)
         # The forward pass needs at least one row; then its logits are unused.
-        logits = self.model.forward(
-            torch.tensor(rows.token_ids, dtype=torch.int64),
-            torch.tensor(rows.positions, dtype=torch.int64),
-            rows.attention,
-            torch.tensor(rows.head_rows or [0], dtype=torch.int64),
-        )
+        input_ids, input_positions, head_rows = index_tensors(
+            self.storage.device, rows.token_ids, rows.positions, rows.head_rows or [0])
+        logits = self.model.forward(input_ids, input_positions, rows.attention, head_rows)
         return self.finish(rows, logits)
 
     def rows(self, plan: StepPlan) -> StepRows:
@@ -205,7 +205,8 @@ class Worker:
         tokens = sample(logits, [c.params for c in sampled],
                         [c.num_output_tokens for c in sampled],
                         [c.prompt_token_ids for c in sampled],
-                        [c.output_token_ids for c in sampled], self.eos_token_ids)
+                        [c.output_token_ids for c in sampled], self.eos_token_ids,
+                        [c.token_bitmask for c in sampled])
         result.sampled = {c.request_id: t for c, t in zip(sampled, tokens)}
         rows = [i for i, c in enumerate(sampled) if c.params.logprobs is not None]
         if rows:
@@ -281,12 +282,9 @@ def forward_together(model: LlamaModel,
         bounds.append(len(token_ids))
     attn = _JointAttention([s.attention for s in steps], bounds)
     # The forward pass needs at least one row; then its logits are unused.
-    logits = model.forward(
-        torch.tensor(token_ids, dtype=torch.int64),
-        torch.tensor(positions, dtype=torch.int64),
-        attn,
-        torch.tensor(head_rows or [0], dtype=torch.int64),
-    )
+    input_ids, input_positions, rows = index_tensors(model.device, token_ids, positions,
+                                                     head_rows or [0])
+    logits = model.forward(input_ids, input_positions, attn, rows)
     if not head_rows:
         return [logits[:0]] * len(steps), attn.seconds
     return list(logits.split([len(s.head_rows) for s in steps])), attn.seconds

@@ -1,4 +1,9 @@
-"""The OpenAI-compatible HTTP app over an AsyncEngine: `create_app(async_engine, model_name)`.
+"""The OpenAI-compatible HTTP app: `create_app(async_engine, model_name)`.
+
+`async_engine` is an AsyncEngine (the engine on a thread of this process) or an EngineClient
+(the engine in its own process, server/client.py, the default of `infinillm serve`): the app
+uses only what both offer (add_request, stream, abort, cluster_stats, healthy, tokenizer,
+max_model_len).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/cluster
 (the ledger as JSON), GET /health, GET /metrics (Prometheus), GET / (the live cluster page).
@@ -28,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +48,9 @@ from infinillm.server.choices import ChatShape, CompletionShape, Shape, TokenTex
 from infinillm.server.metrics import CONTENT_TYPE, RequestCounter, ServerMetrics
 from infinillm.types import RequestOutput, SamplingParams
 
+if TYPE_CHECKING:
+    from infinillm.server.client import EngineClient
+
 logger = logging.getLogger("infinillm")
 
 MAX_BODY_BYTES = 32 << 20
@@ -50,8 +59,8 @@ ENDPOINTS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/cluster",
 Submission = list[tuple[str, asyncio.Queue]]
 
 
-def create_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = None, *,
-               model_aliases: Iterable[str] = (),
+def create_app(async_engine: AsyncEngine | EngineClient, model_name: str,
+               api_key: str | None = None, *, model_aliases: Iterable[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app; `async_engine` must be started (and is shut down by its owner, not here).
     Requests may name the model as `model_name` or any of `model_aliases`."""
@@ -126,17 +135,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class OpenAIServer:
-    """The handlers of /v1, over one AsyncEngine."""
+    """The handlers of /v1, over one AsyncEngine or EngineClient."""
 
-    def __init__(self, async_engine: AsyncEngine, model_name: str, aliases: set[str],
+    def __init__(self, async_engine: AsyncEngine | EngineClient, model_name: str, aliases: set[str],
                  max_body_bytes: int) -> None:
         self.engine = async_engine
         self.model_name = model_name
         self.names = {model_name} | aliases
         self.max_body_bytes = max_body_bytes
-        cluster = async_engine.engine
-        self.tokenizer = cluster.tokenizer
-        self.max_model_len = cluster.max_model_len
+        self.tokenizer = async_engine.tokenizer
+        self.max_model_len = async_engine.max_model_len
         self.created = int(time.time())
         self.metrics = ServerMetrics(async_engine.cluster_stats)
         self.token_texts = TokenTexts(self.tokenizer)
@@ -477,10 +485,14 @@ _FIELDS = (set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.m
     - {"prompt", "messages"}
 
 
+_ENGINE_NAMES = {"json_schema": "response_format"}  # SamplingParams' name -> the API's
+
+
 def _param_named(message: str, default: str | None = None) -> str | None:
     """The request field an engine ValueError is about: its messages start with the name of
     the value they refuse ("min_tokens must be ...", "logit_bias token ids ...")."""
     word = message.split(" ", 1)[0]
+    word = _ENGINE_NAMES.get(word, word)
     return word if word in _FIELDS else default
 
 

@@ -7,8 +7,10 @@ message). JSON nested deeper than the parser's recursion limit (a few hundred le
 malformed JSON. Unknown top-level fields are accepted and ignored (kept in `model_extra` only
 so that the server can log their names), as OpenAI-compatible clients send fields of newer API
 versions and of other servers. Fields of the OpenAI API that we accept but do not implement
-(suffix, response_format, tools, ...) are declared so that their neutral values pass and
-anything else fails with a clear message. vLLM extensions accepted: `top_k`, `ignore_eos`,
+(suffix, tools, ...) are declared so that their neutral values pass and anything else fails
+with a clear message. `response_format` (chat and, as vLLM accepts it, completions) is OpenAI's:
+`text`, `json_object`, `json_schema` (the engine compiles the schema; engine/grammar.py).
+vLLM extensions accepted: `top_k`, `ignore_eos`,
 `stop_token_ids`, `include_stop_str_in_output`, `repetition_penalty`, `min_tokens`.
 
 Responses follow the OpenAI shapes field for field (`null` where OpenAI sends null), so that the
@@ -137,6 +139,7 @@ class SamplingRequest(RequestModel):
     include_stop_str_in_output: bool | None = None
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -156,6 +159,7 @@ class SamplingRequest(RequestModel):
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", self.stream_options.model_dump(exclude_none=True),
                               "is only allowed when stream is true")
+        json_schema(self.response_format)  # checks its shape
         return self
 
     @property
@@ -187,6 +191,7 @@ class SamplingRequest(RequestModel):
             presence_penalty=self.presence_penalty or 0.0,
             logprobs=self.num_logprobs,
             prompt_logprobs=self.num_prompt_logprobs,
+            json_schema=json_schema(self.response_format),
         )
 
     @property
@@ -197,6 +202,40 @@ class SamplingRequest(RequestModel):
     @property
     def num_prompt_logprobs(self) -> int | None:
         return None
+
+
+def json_schema(response_format: dict[str, Any] | None) -> str | None:
+    """OpenAI's `response_format` -> the JSON schema the output must follow, as JSON text (None:
+    free text). `json_object` is any JSON object; `json_schema` takes `json_schema.schema` (a
+    JSON object), whatever `strict` says (it is always enforced), and requires `name` as OpenAI
+    does. A shape error is a 400 naming response_format; whether the schema compiles is the
+    engine's check."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind != "json_schema":
+        raise unsupported("response_format", response_format,
+                          "type must be 'text', 'json_object' or 'json_schema'")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise unsupported("response_format", response_format,
+                          "of type json_schema needs a json_schema object")
+    name = spec.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise unsupported("response_format", response_format,
+                          "json_schema.name must be a string of 1 to 64 characters")
+    if not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise unsupported("response_format", response_format,
+                          "json_schema.strict must be a boolean")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise unsupported("response_format", response_format,
+                          "json_schema.schema must be a JSON schema (an object)")
+    return json.dumps(schema)
 
 
 Prompt = str | list[int] | list[str] | list[list[int]]
@@ -269,7 +308,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -278,9 +316,6 @@ class ChatCompletionRequest(SamplingRequest):
     def _unsupported_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
-        if self.response_format not in (None, {"type": "text"}):
-            raise unsupported("response_format", self.response_format,
-                              "is not supported (only {'type': 'text'})")
         for name, neutral in (("tools", (None, [])), ("tool_choice", (None, "none"))):
             if getattr(self, name) not in neutral:
                 raise unsupported(name, getattr(self, name), "is not supported")

@@ -15,7 +15,7 @@ from infinillm.attention.torch_backend import TorchBackend
 
 
 def test_names_and_classes():
-    assert backend_names() == ("auto", "torch", "cpu_flash")
+    assert backend_names() == ("auto", "torch", "cpu_flash", "triton")
     assert type(get_backend("torch")) is TorchBackend
     assert type(get_backend("cpu_flash")) is CpuFlashBackend
     assert get_backend("torch") is not get_backend("torch")  # one object per worker
@@ -31,13 +31,15 @@ def test_config_accepts_exactly_the_registered_names():
 def test_auto_resolves_by_device():
     assert resolve_backend_name("auto", "cpu") == "cpu_flash"
     assert type(get_backend("auto")) is CpuFlashBackend
+    assert resolve_backend_name("auto", "cuda:0") == "triton"
     assert resolve_backend_name("torch", "cuda:1") == "torch"
-    with pytest.raises(ValueError, match="'auto' has no backend for device 'cuda:0'"):
-        get_backend("auto", "cuda:0")
+    with pytest.raises(ValueError, match="'auto' has no backend for device 'mps'"):
+        get_backend("auto", "mps")
 
 
 def test_unknown_name_and_wrong_device():
-    with pytest.raises(ValueError, match=r"one of \('auto', 'torch', 'cpu_flash'\), got 'magic'"):
+    with pytest.raises(ValueError, match=r"one of \('auto', 'torch', 'cpu_flash', 'triton'\), "
+                       r"got 'magic'"):
         get_backend("magic")
     with pytest.raises(ValueError, match="'cpu_flash' runs on \\('cpu',\\), not on device 'cuda'"):
         get_backend("cpu_flash", "cuda")

@@ -1,6 +1,8 @@
-"""One live server for all server tests: the default model (it has a tokenizer and a chat
-template), two instances with small pools so that long prompts borrow blocks, an AsyncEngine,
-and uvicorn on a free loopback port in a background thread."""
+"""One live server for all server tests, as `infinillm serve` runs: the default model (it has a
+tokenizer and a chat template), two instances with small pools so that long prompts borrow
+blocks, the engine in an engine-core process of its own behind an EngineClient, and uvicorn on
+a free loopback port in a background thread. (The in-process AsyncEngine behind the same app is
+served by test_server_hostile.py and tests/engine/test_async_engine.py.)"""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from infinillm import LLM
-from infinillm.engine import AsyncEngine
+from infinillm.config import Config
+from infinillm.model.tokenizer import Tokenizer
 from infinillm.server import create_app
+from infinillm.server.client import EngineClient
 
 MODEL = "SmolLM2-135M-Instruct"
 BLOCKS_PER_INSTANCE = 48  # 768 tokens of 16: a prompt of ~1,000 tokens borrows
@@ -32,9 +35,10 @@ T = TypeVar("T")
 @dataclass
 class Served:
     url: str
-    async_engine: AsyncEngine
-    llm: LLM
+    async_engine: EngineClient
+    tokenizer: Tokenizer | None
     model: str = MODEL
+    stop: Callable[[], None] = lambda: None  # uvicorn, then the core; idempotent
 
     def cluster(self) -> dict:
         return httpx.get(f"{self.url}/v1/cluster", timeout=60).json()
@@ -112,14 +116,39 @@ def start_uvicorn(app) -> tuple[uvicorn.Server, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+def served_config(**settings) -> Config:
+    return Config.from_kwargs(kv_blocks_per_instance=BLOCKS_PER_INSTANCE, num_instances=2,
+                              **settings)
+
+
 @pytest.fixture(scope="session")
-def served():
-    llm = LLM(kv_blocks_per_instance=BLOCKS_PER_INSTANCE, num_instances=2)
-    async_engine = AsyncEngine(llm.engine)
-    async_engine.start()
-    app = create_app(async_engine, MODEL)
-    server, thread, url = start_uvicorn(app)
-    yield Served(url, async_engine, llm)
-    server.should_exit = True
-    thread.join(timeout=10)
-    async_engine.shutdown()
+def serve_engine():
+    """`serve_engine(config, model_name)` -> Served: an EngineClient (a core process of its
+    own) behind the app on uvicorn. `Served.stop()` stops it; the session's end stops the rest."""
+    stops = []
+
+    def start(config: Config, model_name: str = MODEL) -> Served:
+        client = EngineClient(config)
+        try:
+            server, thread, url = start_uvicorn(create_app(client, model_name))
+        except BaseException:
+            client.shutdown()
+            raise
+
+        def stop() -> None:
+            server.should_exit = True
+            thread.join(timeout=10)
+            client.shutdown()
+
+        stops.append(stop)
+        return Served(url, client, client.tokenizer, model_name, stop)
+
+    yield start
+    for stop in stops:
+        stop()
+
+
+@pytest.fixture(scope="session")
+def served(serve_engine):
+    return serve_engine(Config.from_kwargs(kv_blocks_per_instance=BLOCKS_PER_INSTANCE,
+                                           num_instances=2))

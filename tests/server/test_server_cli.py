@@ -99,7 +99,8 @@ def test_help_has_a_group_per_section(capsys):
     for heading in ("model:", "cache:", "scheduler:", "runtime:", "cluster:", "server:"):
         assert f"\n{heading}\n" in text
     for flag in ("--num-instances N, --instances N", "--no-lending", "--kv-memory-gb GIB",
-                 "--kv-cache-memory-bytes SIZE", "(default: 2GiB)", "--recall-blocks-per-step N"):
+                 "--kv-cache-memory-bytes SIZE", "(unset: 2GiB on CPU; on CUDA what",
+                 "--recall-blocks-per-step N"):
         assert flag in " ".join(text.split())  # as wrapped to any terminal width
 
 
@@ -123,6 +124,8 @@ def test_serve_starts_answers_and_stops_on_ctrl_c():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             banner.append(proc.stdout.readline())
         url = re.search(r"OpenAI API at (http://127\.0\.0\.1:\d+)/v1", "".join(banner))[1]
+        core = int(re.search(r"engine core pid (\d+)", "".join(banner))[1])
+        assert core != proc.pid and _alive(core)
         reply = httpx.post(f"{url}/v1/completions", timeout=60,
                            json={"model": "SmolLM2-135M-Instruct", "prompt": "Hello",
                                  "max_tokens": 3, "temperature": 0})
@@ -135,6 +138,15 @@ def test_serve_starts_answers_and_stops_on_ctrl_c():
             proc.wait()
     assert proc.returncode in (0, 130, -signal.SIGINT), stderr
     assert "server stopped" in stderr and "Traceback" not in stderr, stderr
+    assert not _alive(core), "the engine core process outlived the server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_a_busy_port_is_a_clear_error():

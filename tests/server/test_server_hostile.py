@@ -11,10 +11,12 @@ them, and the last test checks that the server counted that many.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -331,3 +333,18 @@ def test_after_the_storm_the_server_is_healthy_and_every_pool_full(server):
             counted[status] = counted.get(status, 0) + float(line.rsplit(" ", 1)[1])
     assert not any(s.startswith("5") for s in counted), counted
     assert sum(counted.values()) >= sum(BUDGET.values()), counted
+
+
+def test_a_stopped_engine_gives_503(server):
+    stopped = AsyncEngine(server[1].engine)  # never started: its loop is not alive
+
+    async def go():
+        app = create_app(stopped, MODEL)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as client:
+            return (await client.get("/health"),
+                    await client.post("/v1/completions", json={"prompt": "Hi"}))
+
+    health, completion = asyncio.run(go())
+    assert health.status_code == 503 and completion.status_code == 503
+    assert completion.json()["error"]["code"] == "engine_unavailable"

@@ -33,7 +33,7 @@ def hf_model():
 
 @pytest.fixture(scope="module")
 def tokenizer(served):
-    return served.llm.get_tokenizer()
+    return served.tokenizer
 
 
 def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_completion_stream_usage_and_max_tokens(client):
 
 
 def test_prompt_as_token_ids_and_as_a_batch(client, served):
-    ids = served.llm.get_tokenizer().encode("Once upon a time")
+    ids = served.tokenizer.encode("Once upon a time")
     text = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5,
                                      temperature=0).choices[0].text
     assert client.completions.create(model=MODEL, prompt=ids, max_tokens=5,
