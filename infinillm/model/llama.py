@@ -54,9 +54,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [T, H, D]: transformers' x * cos + rotate_half(x) * sin, in two
+    multiplies, a roll and an add (rotate_half(x) * sin == roll(x, D/2) * sin_signed exactly:
+    moving halves and flipping a sign round nothing)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class _Layer:
@@ -112,10 +114,13 @@ class LlamaModel:
         return layer
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] in the model dtype for int64 positions [T]."""
+        """cos, sin_signed [T, 1, D] in the model dtype for int64 positions [T]; sin_signed is
+        sin with its first half negated (see `_rotate`)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
+        sin = freqs.sin()
+        cos = freqs.cos()
+        return (torch.cat((cos, cos), dim=-1).to(self.dtype)[:, None],
+                torch.cat((-sin, sin), dim=-1).to(self.dtype)[:, None])
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
@@ -135,12 +140,12 @@ class LlamaModel:
             if layer.q_norm is not None:
                 q = _rms_norm(q, layer.q_norm, arch.rms_norm_eps)
                 k = _rms_norm(k, layer.k_norm, arch.rms_norm_eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = _rotate(q, cos, sin)
+            k = _rotate(k, cos, sin)
             out = attn(i, q, k, v)
-            x = x + layer.o_proj(out.reshape(t, self._q_size))
+            x = layer.o_proj(out.reshape(t, self._q_size), residual=x)
             h = _rms_norm(x, layer.post_norm, arch.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = layer.down(F.silu(gate) * up, residual=x)
         x = _rms_norm(x.index_select(0, sample_rows), self.norm, arch.rms_norm_eps)
         return self.lm_head(x).float()

@@ -20,7 +20,7 @@ from infinillm.kvcache import KVStorage
 from infinillm.model import LlamaModel, ModelArch, load_state_dict
 from infinillm.runtime.fabric import FabricStats, InProcFabric
 from infinillm.runtime.faults import Fault, InjectedFault
-from infinillm.runtime.worker import Worker
+from infinillm.runtime.worker import Worker, forward_together
 from infinillm.types import BlockMove, InstanceId, StepPlan, StepResult
 
 
@@ -98,22 +98,39 @@ class Executor(ABC):
 
 
 class InProcExecutor(Executor):
-    """Every instance in this process, sharing one read-only copy of the weights."""
+    """Every instance in this process, sharing one read-only copy of the weights.
+
+    The instances with work in a step run as one forward of the shared model
+    (worker.forward_together): every linear layer and the LM head multiply the rows of all of
+    them at once, so a step reads the weights once, not once per instance; attention, the
+    fabric's exchanges and sampling stay per instance. The instances still run one after
+    another on one device (`concurrent_instances` is False): the engine's clock advances by
+    the sum of their seconds, which is the step's wall time. Each instance's seconds are what
+    it spent alone (building its rows, its attention and exchanges, sampling) plus the shared
+    part of the forward (embedding, linears, norms, LM head) split by its share of the rows.
+    `joint_forward = False` gives every instance a forward of its own, one after another (the
+    baseline of bench/instances_scaling.py)."""
 
     concurrent_instances = False
 
     def __init__(self, spec: InstanceSpec, instance_ids: list[InstanceId]) -> None:
-        model = load_model(spec)
+        self.model = load_model(spec)
         self.fabric = InProcFabric()
-        self.workers = {i: build_worker(spec, i, model, self.fabric) for i in instance_ids}
+        self.workers = {i: build_worker(spec, i, self.model, self.fabric) for i in instance_ids}
         for iid, worker in self.workers.items():
             self.fabric.register(iid, worker.storage, worker.attention)
         self.fault: Fault | None = None
+        self.joint_forward = True
 
     def execute(self, plans: list[StepPlan]) -> StepResult:
         result = StepResult({}, {})
+        busy = [p for p in plans if p.chunks]
         try:
+            if self.joint_forward and len(busy) > 1:
+                self._execute_joint(busy, result)
             for plan in plans:
+                if plan.chunks and plan.instance_id in result.seconds:
+                    continue
                 started = time.perf_counter()
                 result.add(self.workers[plan.instance_id].execute(plan))
                 result.seconds[plan.instance_id] = time.perf_counter() - started
@@ -123,6 +140,28 @@ class InProcExecutor(Executor):
             raise InstanceLost([fault.instance], str(fault)) from None
         self.fabric.stats.execute_seconds += sum(result.seconds.values())
         return result
+
+    def _execute_joint(self, plans: list[StepPlan], result: StepResult) -> None:
+        """Run plans (each with chunks) as one forward; fills `result`, seconds included."""
+        workers = [self.workers[p.instance_id] for p in plans]
+        alone: list[float] = []  # per instance: seconds of its own work
+        steps = []
+        for worker, plan in zip(workers, plans):
+            started = time.perf_counter()
+            steps.append(worker.rows(plan))
+            alone.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        logits, attention_seconds = forward_together(self.model, steps)
+        shared = time.perf_counter() - started - sum(attention_seconds)
+        num_rows = sum(len(s.token_ids) for s in steps)
+        for i, (worker, step) in enumerate(zip(workers, steps)):
+            started = time.perf_counter()
+            result.add(worker.finish(step, logits[i]))
+            alone[i] += attention_seconds[i] + time.perf_counter() - started
+            result.seconds[worker.instance_id] = (
+                alone[i] + shared * len(step.token_ids) / num_rows)
+            if self.fault is not None:
+                self.fault("sample", worker.instance_id)
 
     def move_blocks(self, moves: list[BlockMove]) -> float:
         started = time.perf_counter()

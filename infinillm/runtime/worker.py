@@ -14,9 +14,17 @@ supplies the model with an attention function that runs DistAttention per layer:
   (read in place where blocks are adjacent), and those stored on each holder, computed there.
 
 The kernels are the worker's own AttentionBackend, chosen when the worker is built.
+
+Instances in one process share the model: `forward_together` runs the rows of several workers'
+steps (each from `Worker.rows`) as one forward, so every linear layer and the LM head multiply all
+of them at once, and hands each worker's `_StepAttention` its own rows at every layer; each
+worker then samples from its own logits (`Worker.finish`).
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -68,18 +76,22 @@ class _StepAttention:
 
     @staticmethod
     def _padded_tables(chunks: list[ScheduledChunk], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """slot_table [B, Lmax] int64 and mask [B, 1, 1, Lmax] of the padded decodes, built
+        from one [B, blocks] table in a few whole-batch operations (not a few per request).
+        Padding points at a valid slot: of the request's own blocks, or of block 0."""
         lens = [c.start_pos + 1 for c in chunks]
         width = max(lens)
+        num_blocks = -(-width // bs)
+        table = [[b for _, b in c.blocks[:num_blocks]] for c in chunks]
+        for row in table:
+            row.extend([0] * (num_blocks - len(row)))
+        block_table = torch.tensor(table, dtype=torch.int64)
         positions = torch.arange(width)
-        tables = torch.zeros(len(chunks), width, dtype=torch.int64)
-        for i, c in enumerate(chunks):
-            ids = torch.tensor([b for _, b in c.blocks], dtype=torch.int64)
-            n = lens[i]
-            tables[i, :n] = ids[positions[:n] // bs] * bs + positions[:n] % bs
-        mask = torch.zeros(len(chunks), 1, 1, width)
-        mask.masked_fill_(positions[None, None, None, :] >= torch.tensor(lens)[:, None, None, None],
-                          float("-inf"))
-        return tables, mask
+        slots = block_table[:, positions // bs] * bs + positions % bs
+        padding = positions[None, :] >= torch.tensor(lens)[:, None]
+        mask = torch.zeros(len(chunks), 1, 1, width).masked_fill_(padding[:, None, None, :],
+                                                                   float("-inf"))
+        return slots, mask
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
@@ -111,9 +123,26 @@ class _StepAttention:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@dataclass(slots=True)
+class StepRows:
+    """One instance's share of a step's token batch: its rows (flat token ids and positions,
+    in `order_chunks` order), its attention for them, and which rows its logits come from:
+    `head_rows` lists the row of every sampling chunk, then every prompt-logprob row."""
+
+    chunks: list[ScheduledChunk]
+    attention: _StepAttention
+    token_ids: list[int]
+    positions: list[int]
+    sampled: list[ScheduledChunk]
+    head_rows: list[int]
+
+
 class Worker:
     """Runs one instance: `execute(plan)` returns the sampled token of every sampling chunk,
-    and the logprobs its chunks asked for."""
+    and the logprobs its chunks asked for.
+
+    `execute` is `rows` -> the model's forward -> `finish`; the in-process executor calls the
+    parts itself to run the rows of all its instances in one forward (`forward_together`)."""
 
     def __init__(self, instance_id: InstanceId, model: LlamaModel, storage: KVStorage,
                  attention: AttentionBackend, fabric: Fabric | None = None,
@@ -126,11 +155,19 @@ class Worker:
         self.eos_token_ids = eos_token_ids  # banned by min_tokens
 
     def execute(self, plan: StepPlan) -> StepResult:
-        result = StepResult({}, {})
         if not plan.chunks:
             if self.fabric is not None and self.fabric.active(self.instance_id):
                 self._serve_only()
-            return result
+            return StepResult({}, {})
+        rows = self.rows(plan)
+        # The forward pass needs at least one row; then its logits are unused.
+        input_ids, input_positions, head_rows = index_tensors(
+            self.storage.device, rows.token_ids, rows.positions, rows.head_rows or [0])
+        logits = self.model.forward(input_ids, input_positions, rows.attention, head_rows)
+        return self.finish(rows, logits)
+
+    def rows(self, plan: StepPlan) -> StepRows:
+        """The flat token batch of a plan with chunks, and its attention."""
         chunks, num_padded = order_chunks(self.instance_id, plan.chunks)
         attn = _StepAttention(self.instance_id, self.storage, self.attention, self.fabric,
                               chunks, num_padded, self.model.scale)
@@ -148,15 +185,18 @@ class Worker:
             if c.sample:
                 sample_rows.append(len(token_ids) - 1)
                 sampled.append(c)
-        # The forward pass needs at least one row; then its logits are unused.
-        head_rows = sample_rows + prompt_rows or [0]
-        input_ids, input_positions, rows = index_tensors(self.storage.device, token_ids,
-                                                         positions, head_rows)
-        logits = self.model.forward(input_ids, input_positions, attn, rows)
-        if prompt_rows:
-            self._prompt_logprobs(logits[len(sample_rows):], chunks, result)
-        if sampled:
-            self._sample(logits[: len(sample_rows)], sampled, result)
+        return StepRows(chunks, attn, token_ids, positions, sampled, sample_rows + prompt_rows)
+
+    def finish(self, rows: StepRows, logits: torch.Tensor) -> StepResult:
+        """Sample and gather logprobs from logits [len(rows.head_rows), V] float32 (extra
+        rows past those are ignored)."""
+        result = StepResult({}, {})
+        num_sampled = len(rows.sampled)
+        if len(rows.head_rows) > num_sampled:
+            self._prompt_logprobs(logits[num_sampled : len(rows.head_rows)], rows.chunks,
+                                  result)
+        if num_sampled:
+            self._sample(logits[:num_sampled], rows.sampled, result)
         return result
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
@@ -194,3 +234,57 @@ class Worker:
         for layer in range(len(self.model.layers)):
             self.fabric.exchange(self.instance_id, layer, {}, empty, empty, empty,
                                  self.model.scale)
+
+
+class _JointAttention:
+    """The AttentionFn of one forward over several instances' rows: per layer, each
+    instance's `_StepAttention` on its own rows [start, end) of q/k/v, outputs concatenated.
+    `seconds[i]` sums the time spent in part i's attention (its fabric exchange included).
+
+    Instances take their turns layer by layer (all of layer l, then all of layer l + 1) rather
+    than one instance's whole forward after another's. Attention reads nothing another
+    instance writes in the same step: a request's blocks (local or borrowed) belong to that
+    request alone, so an owner's exchange writes K/V only into blocks of its own requests and
+    reads only those; and every layer has its own K/V tensors. So the order of the turns within
+    a layer changes no result, and each owner's writes of layer l still precede its reads of
+    layer l (they happen inside its own call, before its attention)."""
+
+    def __init__(self, parts: list[_StepAttention], bounds: list[int]) -> None:
+        self.parts = parts
+        self.bounds = bounds  # len(parts) + 1 row offsets
+        self.seconds = [0.0] * len(parts)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i, part in enumerate(self.parts):
+            started = time.perf_counter()
+            rows = slice(self.bounds[i], self.bounds[i + 1])
+            outs.append(part(layer, q[rows], k[rows], v[rows]))
+            self.seconds[i] += time.perf_counter() - started
+        return torch.cat(outs)
+
+
+def forward_together(model: LlamaModel,
+                     steps: list[StepRows]) -> tuple[list[torch.Tensor], list[float]]:
+    """One forward of the shared model over the rows of several instances (in-process
+    instances share one copy of the weights): every linear layer and the LM head run once for
+    all of them, attention per instance. Returns each step's logits [len(head_rows), V]
+    float32, and the seconds each step spent in its own attention."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    head_rows: list[int] = []
+    bounds = [0]
+    for s in steps:
+        head_rows.extend(len(token_ids) + r for r in s.head_rows)
+        token_ids.extend(s.token_ids)
+        positions.extend(s.positions)
+        bounds.append(len(token_ids))
+    attn = _JointAttention([s.attention for s in steps], bounds)
+    # The forward pass needs at least one row; then its logits are unused.
+    input_ids, input_positions, rows = index_tensors(model.device, token_ids, positions,
+                                                     head_rows or [0])
+    logits = model.forward(input_ids, input_positions, attn, rows)
+    if not head_rows:
+        return [logits[:0]] * len(steps), attn.seconds
+    return list(logits.split([len(s.head_rows) for s in steps])), attn.seconds
