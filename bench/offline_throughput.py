@@ -8,7 +8,8 @@ timed ones (best kept, for both). infinillm runs in this process; vLLM runs in .
 (bench/setup_vllm.sh) as a subprocess (bench/vllm_offline.py), one after the other so they never
 share the cores; without .venv-vllm its columns are left out, with a note. Prints a table and,
 last, one JSON line with tokens/s, the ratio per batch size, whether the greedy tokens agree,
-the machine, and each engine's start-up (infinillm's is `LLM()` once the model folder is resolved;
+the machine, and each engine's start-up (both with prefix caching off: the timed runs repeat the
+warm-up's prompts) (infinillm's is `LLM()` once the model folder is resolved;
 a GGUF model is converted, once, before it).
 """
 
@@ -31,7 +32,7 @@ def run_infinillm(model: str | None, prompts: list[list[int]], batch_sizes: list
     from infinillm import LLM
 
     started = time.perf_counter()
-    llm = LLM(model)
+    llm = LLM(model, enable_prefix_caching=False)  # as vLLM here: timed runs repeat prompts
     startup = time.perf_counter() - started
     params = greedy(max_tokens)
     results = []

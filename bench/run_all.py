@@ -65,7 +65,8 @@ def make_llm(args, system: str, num_instances: int | None = None):
     llm = LLM(args.model, block_size=args.block_size, kv_blocks_per_instance=blocks,
               num_instances=inst, lending=system in ("lending", "proactive"),
               placement="proactive" if system == "proactive" else "reactive",
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False)  # as vLLM's rows; the warm-up repeats prompts
     warm_up(llm, 2 * inst, (48, 48), 4, seed=args.seed + 1)
     return llm
 

@@ -18,7 +18,7 @@ its process group after --stop-timeout) and checks that none of its processes is
 killed and listed as `orphans`). Without .venv-vllm the vLLM system is skipped with a note.
 
 Servers never run at the same time; the client shares the 2 cores with the server being
-measured, alike for both. vLLM runs with prefix caching off, and each rate draws its own prompts
+measured, alike for both. Both run with prefix caching off, and each rate draws its own prompts
 anyway. Prints a table per system (a row per rate; percentiles are nearest rank,
 bench.lib.metrics), start-up times, the ratios infinillm / vLLM per rate (throughput: above 1 is
 better; TTFT, TPOT: below 1 is better), and LAST one JSON line with every figure, the machine
@@ -61,6 +61,7 @@ def server_specs(args, model_dir: str) -> list[ServerSpec]:
                     cmd += ["--model", args.model] if args.model else []
                     cmd += ["--kv-blocks", str(args.kv_blocks)] if args.kv_blocks else []
                     cmd += [] if process == "on" else ["--no-engine-process"]
+                    cmd += ["--no-prefix-caching"]  # as vLLM's server here
                     label = f"infinillm x{n}" + ("" if process == "on" else " (engine thread)")
                     specs.append(ServerSpec(label, "infinillm", cmd, {}, "/health"))
         elif have_vllm():
