@@ -8,9 +8,9 @@ timed ones (best kept, for both). infinillm runs in this process; vLLM runs in .
 (bench/setup_vllm.sh) as a subprocess (bench/vllm_offline.py), one after the other so they never
 share the cores; without .venv-vllm its columns are left out, with a note. Prints a table and,
 last, one JSON line with tokens/s, the ratio per batch size, whether the greedy tokens agree,
-the machine, and each engine's start-up (both with prefix caching off: the timed runs repeat the
-warm-up's prompts) (infinillm's is `LLM()` once the model folder is resolved;
-a GGUF model is converted, once, before it).
+the machine, and each engine's start-up (infinillm's is `LLM()` once the model folder is resolved;
+a GGUF model is converted, once, before it). Both engines run with prefix caching off: the timed
+runs repeat the warm-up's prompts.
 """
 
 from __future__ import annotations
