@@ -43,6 +43,11 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped (shut down, or an internal error); servers answer 503."""
 
 
+class EngineRequestError(RuntimeError):
+    """The engine refused one request after it was accepted (only its client); servers
+    answer 400."""
+
+
 class AsyncEngine:
     """`trim_interval_s`: how often the engine thread hands freed native memory back to the
     system (engine/memory.py); None never."""

@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from infinillm.engine import AsyncEngine, EngineDeadError
+from infinillm.engine.async_engine import EngineRequestError
 from infinillm.server import protocol as P
 from infinillm.server.choices import ChatShape, CompletionShape, Shape, TokenTexts
 from infinillm.server.metrics import CONTENT_TYPE, RequestCounter, ServerMetrics
@@ -256,6 +257,8 @@ class OpenAIServer:
                                               _num_cached(finals, num_choices)))
         except EngineDeadError as e:
             yield P.sse(P.APIError(503, str(e), code="engine_unavailable").body())
+        except EngineRequestError as e:
+            yield P.sse(P.APIError(400, str(e)).body())
         yield P.SSE_DONE
 
     # ---- shared steps ---------------------------------------------------------------------
@@ -399,6 +402,8 @@ class OpenAIServer:
                 finals[i] = out
         except EngineDeadError as e:
             raise P.APIError(503, str(e), code="engine_unavailable") from None
+        except EngineRequestError as e:
+            raise P.APIError(400, str(e)) from None
         return finals
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import zmq
 
 from infinillm.config import Config
-from infinillm.engine.async_engine import EngineDeadError
+from infinillm.engine.async_engine import EngineDeadError, EngineRequestError
 from infinillm.engine.grammar import StructuredOutput
 from infinillm.engine.intake import Intake
 from infinillm.model.tokenizer import Tokenizer
@@ -61,10 +61,6 @@ logger = logging.getLogger("infinillm")
 
 JOIN_TIMEOUT_S = 30.0  # a core that does not stop after Shutdown is terminated, then killed
 READER_POLL_MS = 500
-
-
-class EngineRequestError(RuntimeError):
-    """The engine core refused one request the API process had accepted (only its client)."""
 
 
 class EngineClient:
