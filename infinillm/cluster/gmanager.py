@@ -196,11 +196,15 @@ class GManager:
         self.heartbeat_all()
 
     def cancel_moves(self, moves: list[BlockMove]) -> None:
-        """Release the destinations `plan_move` reserved, for moves never applied (a swap's
-        destination is another move's source, still in use, and was never reserved)."""
+        """Release the destinations `plan_move` reserved, for moves never applied. A swap's
+        destination is another move's source, still in use and never reserved; the copy may
+        have overwritten it, so it leaves the prefix index (as when the swap is applied), and
+        its request, preempted, frees it to the free list, not the cache."""
         sources = {m.src for m in moves}
         for m in moves:
-            if m.dst not in sources:
+            if m.dst in sources:
+                self.rmanagers[m.dst[0]].forget_cached(m.dst[1])
+            else:
                 self.rmanagers[m.dst[0]].release([m.dst[1]], m.request_id, m.owner)
         self.heartbeat_all()
 

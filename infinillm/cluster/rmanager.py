@@ -327,6 +327,11 @@ class RManager:
         if self._pool.holder(block) != (request_id, owner):
             self._pool.reassign(block, request_id, owner)
 
+    def forget_cached(self, block: BlockId) -> None:
+        """Take a block whose data may have been overwritten (a cancelled swap) out of the
+        prefix index; its holders keep it."""
+        self._pool.uncache(block)
+
     def release(self, blocks: list[BlockId], request_id: RequestId, owner: InstanceId) -> None:
         """Free the sources of `owner`'s request's completed moves (or the destinations of
         cancelled ones). A cached source stays cached: the move only read it."""
