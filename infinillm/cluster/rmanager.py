@@ -329,7 +329,7 @@ class RManager:
 
     def forget_cached(self, block: BlockId) -> None:
         """Take a block whose data may have been overwritten (a cancelled swap) out of the
-        prefix index; its holders keep it."""
+        prefix index; its holders, if any, keep it."""
         self._pool.uncache(block)
 
     def release(self, blocks: list[BlockId], request_id: RequestId, owner: InstanceId) -> None:

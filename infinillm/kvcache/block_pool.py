@@ -164,13 +164,15 @@ class BlockPool:
         self.uncache(block)
 
     def uncache(self, block: BlockId) -> None:
-        """Take a used block out of the prefix index (its data are being overwritten); its
-        holders keep it, and it is freed to the free list, not cached."""
-        if block not in self._holder:
-            raise RuntimeError(f"instance {self.instance_id}: uncaching unused block {block}")
+        """Take a block out of the prefix index (its data are being overwritten): a used one
+        goes to the free list, not the cache, when its holders end; an unused one goes now."""
         key = self._hash_of.pop(block, None)
-        if key is not None:
-            del self._index[key]
+        if key is None:
+            return
+        del self._index[key]
+        if block in self._evictable:
+            del self._evictable[block]
+            heapq.heappush(self._free, block)
 
     # ---- the prefix index -----------------------------------------------------------------
 
