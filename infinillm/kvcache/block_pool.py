@@ -163,16 +163,18 @@ class BlockPool:
             self._loaned.add(block)
         self.uncache(block)
 
-    def uncache(self, block: BlockId) -> None:
-        """Take a block out of the prefix index (its data are being overwritten): a used one
-        goes to the free list, not the cache, when its holders end; an unused one goes now."""
+    def uncache(self, block: BlockId) -> Hashable | None:
+        """Take a block out of the prefix index (its data are being overwritten, or its key
+        moves with them): a used one goes to the free list, not the cache, when its holders
+        end; an unused one goes now. Returns its key, if it had one."""
         key = self._hash_of.pop(block, None)
         if key is None:
-            return
+            return None
         del self._index[key]
         if block in self._evictable:
             del self._evictable[block]
             heapq.heappush(self._free, block)
+        return key
 
     # ---- the prefix index -----------------------------------------------------------------
 

@@ -138,3 +138,26 @@ def test_a_lent_block_shared_at_home_is_no_loan_once_its_borrower_ends():
     for rm, rid in ((a, R3), (b, R2)):
         rm.free(rid)
     gm.check_integrity()
+
+
+def test_a_recalled_cached_block_takes_its_key_home():
+    gm, a, b = cluster(num_blocks=3)
+    assert a.allocate_slots(R1, 8) and a.allocate_slots(R3, 4)
+    assert a.allocate_slots(R1, 12)  # R1's block 2 borrowed on b (its block 0)
+    keys = block_keys(TOKENS, 4, [])
+    a.publish(R1, keys, 3)
+    a.free(R3)  # room at home
+    rb = Rebalancer(gm, 16, 0)
+    moves = rb.plan_moves({A: Demand(), B: Demand()})
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [(R1, (B, 0), (A, 2))]
+    rb.commit(moves)
+    gm.check_integrity()
+    assert a.lookup(keys[2]) == 2 and b.lookup(keys[2]) is None
+    assert b.num_free_blocks == 3 and b.num_cached_blocks == 0  # the remote copy is free
+    assert b.take_cached(R2, keys) == 3
+    assert b.block_locations(R2) == [(A, 0), (A, 1), (A, 2)]  # the home copy, shared
+    gm.check_integrity()
+    for rm, rid in ((a, R1), (b, R2)):
+        rm.free(rid)
+    assert a.num_free_blocks == b.num_free_blocks == 3 and a.num_cached_blocks == 3
+    gm.check_integrity()
