@@ -181,7 +181,10 @@ class GManager:
         return BlockMove(request_id, owner, index, src, (dst, block))
 
     def apply_moves(self, moves: list[BlockMove]) -> None:
-        """Switch tables, pools and the ledger after the data plane copied every move."""
+        """Switch tables, pools and the ledger after the data plane copied every move. A
+        source in the prefix index passes its key to its destination, so later requests share
+        the copy the request now uses (at home, after a recall); a swapped block leaves the
+        index, its data overwritten."""
         destinations = {m.dst for m in moves}
         for m in moves:
             self.rmanagers[m.owner].set_block(m.request_id, m.index, m.dst)
@@ -192,15 +195,22 @@ class GManager:
                 self._add_debt(m.owner, m.dst[0], m.request_id, 1)
         for m in moves:
             if m.src not in destinations:  # a swapped source is another move's destination
+                key = self.rmanagers[m.src[0]].forget_cached(m.src[1])
+                if key is not None:
+                    self.rmanagers[m.dst[0]].publish_lent(m.dst[1], key)
                 self.rmanagers[m.src[0]].release([m.src[1]], m.request_id, m.owner)
         self.heartbeat_all()
 
     def cancel_moves(self, moves: list[BlockMove]) -> None:
-        """Release the destinations `plan_move` reserved, for moves never applied (a swap's
-        destination is another move's source, still in use, and was never reserved)."""
+        """Release the destinations `plan_move` reserved, for moves never applied. A swap's
+        destination is another move's source, still in use and never reserved; the copy may
+        have overwritten it, so it leaves the prefix index (as when the swap is applied), and
+        its request, preempted, frees it to the free list, not the cache."""
         sources = {m.src for m in moves}
         for m in moves:
-            if m.dst not in sources:
+            if m.dst in sources:
+                self.rmanagers[m.dst[0]].forget_cached(m.dst[1])
+            else:
                 self.rmanagers[m.dst[0]].release([m.dst[1]], m.request_id, m.owner)
         self.heartbeat_all()
 

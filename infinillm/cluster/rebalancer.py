@@ -19,8 +19,8 @@ the schedulers'. What needs the whole cluster is decided here, before the schedu
   Moves are planned here (destinations reserved), copied by the data plane, then switched by
   `GManager.apply_moves`. Pinned blocks never move (`GManager.pinned`): one shared by several
   requests, or taken by a request from the prefix cache; they are attended where they live.
-  A cached block its writer alone uses may move; the source keeps its K/V and stays cached
-  (evictable) unless a swap overwrites it.
+  A cached block its writer alone uses may move; its prefix key moves to the destination,
+  and a swap, applied or cancelled, takes both of its blocks out of the index (overwritten).
 
 Plain Python over ids and Request records; no tensors, no schedulers: decisions are returned
 to the engine, which applies them.

@@ -202,7 +202,8 @@ class RManager:
         return self._pool.lookup(key)
 
     def publish_lent(self, block: BlockId, key: BlockKey) -> None:
-        """Enter a block this instance holds for another's request into its prefix index."""
+        """Enter a block this instance holds for another's request (or a move's destination,
+        once copied) into its prefix index."""
         self._pool.publish(block, key)
 
     def share(self, blocks: list[BlockId], request_id: RequestId, owner: InstanceId) -> None:
@@ -327,9 +328,15 @@ class RManager:
         if self._pool.holder(block) != (request_id, owner):
             self._pool.reassign(block, request_id, owner)
 
+    def forget_cached(self, block: BlockId) -> BlockKey | None:
+        """Take a block out of the prefix index (its data may have been overwritten by a
+        cancelled swap, or a move copied them elsewhere); its holders, if any, keep it.
+        Returns its key, if it had one."""
+        return self._pool.uncache(block)
+
     def release(self, blocks: list[BlockId], request_id: RequestId, owner: InstanceId) -> None:
-        """Free the sources of `owner`'s request's completed moves (or the destinations of
-        cancelled ones). A cached source stays cached: the move only read it."""
+        """Free the sources of `owner`'s request's completed moves (their prefix keys moved
+        to the destinations first) or the destinations of cancelled ones."""
         self._pool.free(blocks, request_id, owner)
 
     # ---- checks ---------------------------------------------------------------------------

@@ -14,9 +14,11 @@ which lets attention read runs of blocks in place, and makes block ids predictab
 then evicts cached blocks, least recently used first. "Full" (every request ended) means
 `num_free == num_blocks`: free and cached blocks make up the whole pool.
 
-`num_lent` counts the blocks allocated as loans (`allocate` for another owner) still in use:
-the lending cap applies to them. Sharing an already cached block with another instance's request
-costs no memory and is not a loan, though the ledger records it as a debt like one.
+`num_lent` counts the blocks allocated as loans (`allocate` for another owner, or `reassign`ed
+to one) still held by the request they were allocated for (always the first holder): the lending
+cap applies to them. Sharing an already cached block with another instance's request costs no
+memory and is not a loan, though the ledger records it as a debt like one; so when a lent block
+that others share loses its borrower, it is no loan any more, whoever the sharers are.
 
 Cost: the first holder of a block is kept as a plain tuple; only shared blocks keep a set of
 the others, so the unshared common case costs what it did before sharing existed.
@@ -128,6 +130,10 @@ class BlockPool:
                 self._holder[block] = others.pop()
                 if not others:
                     del self._sharers[block]
+                # The loan ends with the request it was allocated for: the others only share
+                # a cached block, which is no loan whoever owns them (as when it is shared
+                # after the borrower ended).
+                self._loaned.discard(block)
                 return
         elif others and holder in others:
             others.remove(holder)
@@ -155,12 +161,20 @@ class BlockPool:
         self._loaned.discard(block)
         if owner != self.instance_id:
             self._loaned.add(block)
-        self._uncache(block)
+        self.uncache(block)
 
-    def _uncache(self, block: BlockId) -> None:
+    def uncache(self, block: BlockId) -> Hashable | None:
+        """Take a block out of the prefix index (its data are being overwritten, or its key
+        moves with them): a used one goes to the free list, not the cache, when its holders
+        end; an unused one goes now. Returns its key, if it had one."""
         key = self._hash_of.pop(block, None)
-        if key is not None:
-            del self._index[key]
+        if key is None:
+            return None
+        del self._index[key]
+        if block in self._evictable:
+            del self._evictable[block]
+            heapq.heappush(self._free, block)
+        return key
 
     # ---- the prefix index -----------------------------------------------------------------
 
@@ -239,6 +253,10 @@ class BlockPool:
             raise RuntimeError(f"instance {me}: sharers {self._sharers} of unused blocks")
         if not self._loaned <= used:
             raise RuntimeError(f"instance {me}: loans {sorted(self._loaned - used)} not in use")
+        local = {b for b in self._loaned if self._holder[b][1] == me}
+        if local:
+            raise RuntimeError(f"instance {me}: loans {sorted(local)} held by this instance's "
+                               "requests")
         if not cached <= set(self._hash_of) or not set(self._hash_of) <= used | cached:
             raise RuntimeError(f"instance {me}: cached blocks {sorted(cached)} and indexed "
                                f"blocks {sorted(self._hash_of)} disagree")

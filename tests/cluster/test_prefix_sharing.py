@@ -86,3 +86,78 @@ def test_integrity_catches_a_table_entry_without_its_reference():
     del a._pool._sharers[0]
     with pytest.raises(RuntimeError):
         gm.check_integrity()
+
+
+def test_a_cancelled_swap_takes_its_possibly_overwritten_blocks_out_of_the_cache():
+    gm, a, b = cluster(num_blocks=3)
+    r4 = RequestId("r4")
+    assert a.allocate_slots(R1, 8) and a.allocate_slots(R3, 4)
+    assert a.allocate_slots(R1, 12)  # R1's block 2 borrowed on b (its block 0)
+    a.free(R3)
+    assert b.allocate_slots(R2, 4) and b.allocate_slots(r4, 4)
+    assert b.allocate_slots(R2, 8)  # R2's block 1 borrowed on a (its block 2)
+    keys_a, keys_b = block_keys(TOKENS, 4, []), block_keys(list(range(200, 208)), 4, [])
+    a.publish(R1, keys_a, 3)
+    b.publish(R2, keys_b, 2)  # the borrowed blocks enter their holders' index
+    rb = Rebalancer(gm, 16, 0)
+    moves = rb.plan_moves({A: Demand(), B: Demand()})
+    assert sorted((m.request_id, m.src, m.dst) for m in moves) == [
+        (R1, (B, 0), (A, 2)), (R2, (A, 2), (B, 0))]  # a swap: both pools are full
+    rb.cancel(moves)  # an instance lost during the copy: either block may be overwritten
+    gm.check_integrity()
+    for rm, rid in ((a, R1), (b, R2), (b, r4)):  # preempted when the loss is settled
+        rm.free(rid)
+    gm.check_integrity()
+    assert b.take_cached(R3, keys_a) == 2  # R1's third block no longer names its K/V
+    assert a.take_cached(R3, keys_b) == 1  # nor R2's second
+    for rm in (a, b):
+        rm.free(R3)
+    assert a.num_free_blocks == b.num_free_blocks == 3
+    assert a.num_cached_blocks == 2 and b.num_cached_blocks == 1
+    gm.check_integrity()
+
+
+def test_a_lent_block_shared_at_home_is_no_loan_once_its_borrower_ends():
+    gm = GManager()
+    a, b = RManager(A, 2, 4, 2, gm), RManager(B, 2, 4, 1, gm)
+    gm.register(a)
+    gm.register(b)
+    keys = block_keys(TOKENS, 4, [])
+    assert a.allocate_slots(R1, 12)  # R1's block 2 borrowed on b, at b's lending cap
+    a.publish(R1, keys, 3)
+    assert b.num_lent_blocks == 1
+    assert b.take_cached(R2, keys) == 3  # b's request shares R1's blocks, the lent one too
+    gm.check_integrity()
+    a.free(R1)
+    assert b.num_lent_blocks == 0  # b's own request holds its block now
+    gm.check_integrity()
+    gm.heartbeat_all()
+    assert a.allocate_slots(R3, 4)  # a's blocks are R2's; b may lend again up to its cap
+    assert b.block_locations(R2)[2] == (B, 0) and a.block_locations(R3) == [(B, 1)]
+    gm.check_integrity()
+    for rm, rid in ((a, R3), (b, R2)):
+        rm.free(rid)
+    gm.check_integrity()
+
+
+def test_a_recalled_cached_block_takes_its_key_home():
+    gm, a, b = cluster(num_blocks=3)
+    assert a.allocate_slots(R1, 8) and a.allocate_slots(R3, 4)
+    assert a.allocate_slots(R1, 12)  # R1's block 2 borrowed on b (its block 0)
+    keys = block_keys(TOKENS, 4, [])
+    a.publish(R1, keys, 3)
+    a.free(R3)  # room at home
+    rb = Rebalancer(gm, 16, 0)
+    moves = rb.plan_moves({A: Demand(), B: Demand()})
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [(R1, (B, 0), (A, 2))]
+    rb.commit(moves)
+    gm.check_integrity()
+    assert a.lookup(keys[2]) == 2 and b.lookup(keys[2]) is None
+    assert b.num_free_blocks == 3 and b.num_cached_blocks == 0  # the remote copy is free
+    assert b.take_cached(R2, keys) == 3
+    assert b.block_locations(R2) == [(A, 0), (A, 1), (A, 2)]  # the home copy, shared
+    gm.check_integrity()
+    for rm, rid in ((a, R1), (b, R2)):
+        rm.free(rid)
+    assert a.num_free_blocks == b.num_free_blocks == 3 and a.num_cached_blocks == 3
+    gm.check_integrity()

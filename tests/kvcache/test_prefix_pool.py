@@ -97,3 +97,20 @@ def test_a_swap_overwrites_a_cached_block_so_it_leaves_the_index():
     pool.reassign(block, R2, B)
     assert pool.lookup(b"k") is None and pool.num_lent == 1
     pool.check_integrity()
+
+
+def test_a_shared_loan_ends_with_its_borrower_and_integrity_checks_the_loans():
+    pool = BlockPool(2, A)
+    first, second = pool.allocate(2, R1, owner=B)  # both lent to B's request
+    pool.publish(first, b"k0")
+    pool.publish(second, b"k1")
+    pool.share(first, R2, A)  # a local request shares one
+    pool.share(second, R3, InstanceId(2))  # a third instance's request the other
+    assert pool.num_lent == 2
+    pool.free([first, second], R1, B)
+    assert pool.holders(first) == {(R2, A)} and pool.holders(second) == {(R3, InstanceId(2))}
+    assert pool.num_lent == 0  # shared cached blocks, no loans
+    pool.check_integrity()
+    pool._loaned.add(first)  # corrupt: a loan held by this instance's own request
+    with pytest.raises(RuntimeError, match="loans"):
+        pool.check_integrity()
