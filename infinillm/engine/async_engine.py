@@ -48,7 +48,42 @@ class EngineRequestError(RuntimeError):
     answer 400."""
 
 
-class AsyncEngine:
+class RequestStreams:
+    """`generate` and `stream` over `add_request` and `abort`, shared by the engine thread
+    (AsyncEngine) and the engine-core client (server/client.py): a request's outputs arrive on
+    its asyncio.Queue, and an error put there is raised to the consumer."""
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> tuple[RequestId, asyncio.Queue]:
+        raise NotImplementedError
+
+    def abort(self, request_id: RequestId) -> None:
+        raise NotImplementedError
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        rid, queue = self.add_request(prompt, params, request_id)
+        async for out in self.stream(rid, queue):
+            yield out
+
+    async def stream(self, rid: RequestId, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Outputs of a request added with `add_request`; aborts it if the consumer leaves."""
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+
+class AsyncEngine(RequestStreams):
     """`trim_interval_s`: how often the engine thread hands freed native memory back to the
     system (engine/memory.py); None never."""
 
@@ -166,28 +201,6 @@ class AsyncEngine:
         if self.error is not None:
             return EngineDeadError(f"the engine loop failed: {self.error!r}")
         return EngineDeadError("the engine is not running")
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        rid, queue = self.add_request(prompt, params, request_id)
-        async for out in self.stream(rid, queue):
-            yield out
-
-    async def stream(self, rid: RequestId, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        """Outputs of a request added with `add_request`; aborts it if the consumer leaves."""
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(rid)
 
     def abort(self, request_id: RequestId) -> None:
         """Abort a request before the next step; returns at once."""

@@ -30,14 +30,13 @@ import multiprocessing
 import tempfile
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
 
 import zmq
 
 from infinillm.config import Config
-from infinillm.engine.async_engine import EngineDeadError, EngineRequestError
+from infinillm.engine.async_engine import EngineDeadError, EngineRequestError, RequestStreams
 from infinillm.engine.grammar import StructuredOutput
 from infinillm.engine.intake import Intake
 from infinillm.model.tokenizer import Tokenizer
@@ -55,7 +54,7 @@ from infinillm.server.messages import (
     Ready,
     Shutdown,
 )
-from infinillm.types import RequestId, RequestOutput, SamplingParams
+from infinillm.types import RequestId, SamplingParams
 
 logger = logging.getLogger("infinillm")
 
@@ -63,7 +62,7 @@ JOIN_TIMEOUT_S = 30.0  # a core that does not stop after Shutdown is terminated,
 READER_POLL_MS = 500
 
 
-class EngineClient:
+class EngineClient(RequestStreams):
     """`start_timeout_s`: how long the core may take to build the engine (loading weights)."""
 
     def __init__(self, config: Config, start_timeout_s: float = 600.0) -> None:
@@ -169,28 +168,6 @@ class EngineClient:
             self._queues[rid] = (asyncio.get_running_loop(), queue, merger)
         self._send(AddRequest(rid, prepared.text, prepared.token_ids, prepared.params))
         return rid, queue
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        rid, queue = self.add_request(prompt, params, request_id)
-        async for out in self.stream(rid, queue):
-            yield out
-
-    async def stream(self, rid: RequestId, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        """Outputs of a request added with `add_request`; aborts it if the consumer leaves."""
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(rid)
 
     def abort(self, request_id: RequestId) -> None:
         """Abort a request before the core's next step; returns at once."""
